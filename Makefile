@@ -1,0 +1,64 @@
+# make serve  - everything needed (virtual environment, dependencies, certificates), then run the service
+# make test   - everything needed, then the tests
+# make bench  - the benchmark (BENCH_QUICK=1 for a short run)
+# make gen    - regenerate gen/ from jobworker.proto
+# make cert   - a CA, a server certificate and one client certificate per role, under certs/ (never overwritten)
+# make renew-certs - throw the certificates and keys away and make new ones
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ROLES := admin user observer
+DAYS := 825
+
+.PHONY: serve test bench gen cert renew-certs clean
+.DELETE_ON_ERROR:
+.PRECIOUS: certs/%.key
+
+serve: $(VENV)/.installed cert
+	$(PY) jobworker.py serve $(ARGS)
+
+test: $(VENV)/.installed cert
+	$(PY) -m pytest -q $(PYTEST_ARGS) test_jobworker.py
+
+bench: $(VENV)/.installed cert
+	$(PY) bench_jobworker.py
+
+gen: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Igen=. --python_out=. --grpc_python_out=. jobworker.proto
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+cert: certs/ca.pem certs/server.pem $(ROLES:%=certs/%.pem)
+
+renew-certs:
+	rm -rf certs
+	$(MAKE) cert
+
+certs/%.key:
+	@mkdir -p certs
+	openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out $@ 2>/dev/null
+	chmod 600 $@
+
+certs/ca.pem: certs/ca.key
+	openssl req -x509 -new -sha256 -days 3650 -key $< -subj "/O=jobworker/CN=jobworker CA" \
+	  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" -out $@
+
+certs/server.pem: certs/server.key certs/ca.pem
+	printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n' > $@.ext
+	openssl req -new -key $< -subj "/O=jobworker/CN=localhost" | openssl x509 -req -sha256 -days $(DAYS) \
+	  -CA certs/ca.pem -CAkey certs/ca.key -set_serial 0x$$(openssl rand -hex 16) -extfile $@.ext -out $@ 2>/dev/null
+	rm -f $@.ext
+
+# One client certificate per role: the role is the subject's OU, the identity its CN.
+certs/%.pem: certs/%.key certs/ca.pem
+	printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' > $@.ext
+	openssl req -new -key $< -subj "/O=jobworker/OU=$*/CN=$*" | openssl x509 -req -sha256 -days $(DAYS) \
+	  -CA certs/ca.pem -CAkey certs/ca.key -set_serial 0x$$(openssl rand -hex 16) -extfile $@.ext -out $@ 2>/dev/null
+	rm -f $@.ext
+
+clean:
+	rm -rf $(VENV) data .pytest_cache __pycache__

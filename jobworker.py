@@ -1,0 +1,1852 @@
+#!/usr/bin/env python3
+"""jobworker: run Linux commands for remote clients, safely.
+
+A client with a certificate starts a job, stops it (gracefully or by force), queries its status and streams its
+output, live and from the first byte, while other clients do the same. The service speaks gRPC over mutual TLS and
+decides what each caller may do from the role (OU) in its certificate. Each job runs in its own cgroup and PID, mount
+and network namespaces, under a small init of ours, as an unprivileged user.
+
+    python jobworker.py serve                      # the service
+    python jobworker.py start -- CMD [ARG...]      # the client: start, stop, query, stream, list
+
+The file reads the way data flows: API types, the job and its output log, isolation (cgroups, namespaces, init), the
+job manager, security, the gRPC servicer, the client, and the command line.
+"""
+
+import argparse
+import ctypes
+import errno
+import importlib
+import json
+import logging
+import math
+import os
+import pwd
+import select
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+log = logging.getLogger("jobworker")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# API types
+# ---------------------------------------------------------------------------------------------------------------------
+
+class _ImportedOnFirstUse:
+    """A module imported the first time one of its names is used.
+
+    Every job's init is forked from a bare interpreter that loads this file; keeping grpc and protobuf out of it keeps
+    that interpreter, and so every init, small and quick to fork.
+    """
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        module = importlib.import_module(self._name)
+        return getattr(module, attr)
+
+
+grpc = _ImportedOnFirstUse("grpc")
+pb = _ImportedOnFirstUse("gen.jobworker_pb2")
+pb_grpc = _ImportedOnFirstUse("gen.jobworker_pb2_grpc")
+json_format = _ImportedOnFirstUse("google.protobuf.json_format")
+
+LIMITS = ("cpu_cores", "memory_bytes", "io_read_bps", "io_write_bps", "pids")
+STREAM_CHUNK = 256 * 1024          # bytes in one Stream message
+DEFAULT_STOP_GRACE = 10.0          # seconds between SIGTERM and SIGKILL when the client does not say
+MAX_STOP_GRACE = 3600.0
+SHUTDOWN_GRACE = 5.0               # the same, for the jobs still running when the server shuts down
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+class JobError(Exception):
+    """A request the service refuses. `code` names its gRPC status, so that the job layer does not need grpc."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def parse_size(text):
+    """'4096', '512K', '100M', '2G' -> bytes (binary multiples)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper()
+    digits = text.rstrip("KMGT")
+    unit = text[len(digits):]
+    if not digits.isdigit() or unit not in units:
+        raise ValueError(f"not a size: {text!r} (use bytes or a K/M/G/T suffix)")
+    return int(digits) * units[unit]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Job: its output log and its state
+# ---------------------------------------------------------------------------------------------------------------------
+
+STDOUT, STDERR = 0, 1
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class OutputLog:
+    """A job's output on disk: every byte in arrival order (`output`), and where each run of one stream begins (`runs`).
+
+    Keeping both on disk means a job that writes gigabytes costs the server no more memory than one that writes a
+    line, and any number of readers can follow it at their own pace. One writer (the output pump) appends; `size`,
+    `runs` and `closed` change under `cond`, and every change wakes the readers waiting on it.
+    """
+
+    RUN = struct.Struct("<QB")  # the offset where a run begins, and its source (STDOUT or STDERR)
+
+    def __init__(self, directory):
+        os.mkdir(directory, 0o700)
+        self.directory = directory
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        self._output = os.open(os.path.join(directory, "output"), flags, 0o600)
+        self._runs = os.open(os.path.join(directory, "runs"), flags, 0o600)
+        self._source = None
+        self.size = 0
+        self.runs = 0
+        self.closed = False
+        self.cond = threading.Condition()
+
+    def append(self, source, data):
+        new_run = source != self._source
+        if new_run:
+            _write_all(self._runs, self.RUN.pack(self.size, source))
+            self._source = source
+        _write_all(self._output, data)
+        with self.cond:
+            self.size += len(data)
+            self.runs += new_run
+            self.cond.notify_all()
+
+    def close(self):
+        os.close(self._output)
+        os.close(self._runs)
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def remove(self):
+        """Deletes a log no job will own (its Start failed)."""
+        self.close()
+        for name in ("output", "runs"):
+            os.unlink(os.path.join(self.directory, name))
+        os.rmdir(self.directory)
+
+
+class LogReader:
+    """One reader's place in an OutputLog. Iterating yields (source, offset, data) until the log is closed and read.
+
+    Its files are open only while it is being iterated, so a reader that is never started holds nothing.
+    """
+
+    def __init__(self, output_log, offset, chunk=STREAM_CHUNK):
+        self._log = output_log
+        self._chunk = chunk
+        self.offset = offset
+        self.cancelled = False
+        self._runs = None
+
+    def cancel(self):
+        """Wakes the reader and ends it; called from another thread when the client goes away."""
+        with self._log.cond:
+            self.cancelled = True
+            self._log.cond.notify_all()
+
+    def _record(self, index):
+        return OutputLog.RUN.unpack(os.pread(self._runs, OutputLog.RUN.size, index * OutputLog.RUN.size))
+
+    def _find_run(self, runs):
+        low, high = 0, runs - 1   # the last run that begins at or before offset
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self._record(middle)[0] <= self.offset:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def __iter__(self):
+        output_log = self._log
+        output = os.open(os.path.join(output_log.directory, "output"), os.O_RDONLY | os.O_CLOEXEC)
+        self._runs = os.open(os.path.join(output_log.directory, "runs"), os.O_RDONLY | os.O_CLOEXEC)
+        run = run_end = None  # the run that holds offset, and where it ends once the next one has begun
+        try:
+            while True:
+                with output_log.cond:
+                    while self.offset >= output_log.size and not output_log.closed and not self.cancelled:
+                        output_log.cond.wait()
+                    if self.cancelled or self.offset >= output_log.size:
+                        return
+                    size, runs = output_log.size, output_log.runs
+                if run is None:
+                    run = self._find_run(runs)
+                if run_end is None and run + 1 < runs:
+                    run_end = self._record(run + 1)[0]
+                end = size if run_end is None else run_end
+                if self.offset >= end:
+                    run, run_end = run + 1, None
+                    continue
+                source = self._record(run)[1]
+                data = os.pread(output, min(self._chunk, end - self.offset), self.offset)
+                yield source, self.offset, data
+                self.offset += len(data)
+        finally:
+            os.close(output)
+            os.close(self._runs)
+
+
+class Job:
+    """One command run for a client: who owns it, its process, its output, and how it ended."""
+
+    def __init__(self, job_id, owner, command, output_log, process):
+        self.id = job_id
+        self.owner = owner
+        self.command = command
+        self.log = output_log
+        self.process = process
+        self.started_at = time.time()
+        self.ended_at = None
+        self.state = "RUNNING"
+        self.exit_code = None
+        self.signal = 0
+        self.usage = None
+        self.stop_requested = False
+        self.ended = threading.Event()
+        self._open_parts = {"stdout", "stderr", "init"}
+        self._lock = threading.Lock()
+
+    def part_ended(self, part):
+        """Called by the output pump as each of stdout, stderr and the init reaches its end; the job ends with the last."""
+        with self._lock:
+            self._open_parts.discard(part)
+            if self._open_parts:
+                return
+        report = self.process.finish()
+        if report.usage.get("oom_killed") and report.signal == signal.SIGKILL:
+            state = "OOM_KILLED"
+        elif self.stop_requested:
+            state = "STOPPED"
+        else:
+            state = "EXITED"
+        self.usage, self.exit_code, self.signal = report.usage, report.exit_code, report.signal
+        self.ended_at = time.time()
+        self.state = state
+        self.log.close()  # after the state is final, so a stream's last message carries it
+        self.ended.set()
+
+    def status(self):
+        status = pb.JobStatus(
+            job_id=self.id, owner=self.owner, command=self.command, state=pb.JobState.Value(self.state),
+            signal=self.signal, pid=self.process.pid, output_bytes=self.log.size,
+            isolation=self.process.isolation())
+        status.started_at.FromNanoseconds(int(self.started_at * 1e9))
+        if self.ended_at is not None:
+            status.ended_at.FromNanoseconds(int(self.ended_at * 1e9))
+            if self.exit_code is not None:
+                status.exit_code = self.exit_code
+        usage = self.usage if self.usage is not None else self.process.usage()
+        status.usage.CopyFrom(pb.Usage(**usage))
+        return status
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Isolation: cgroups, namespaces and the job's init
+# ---------------------------------------------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+F_SETPIPE_SZ = 1031
+NAMESPACES = {"pid": CLONE_NEWPID, "mount": CLONE_NEWNS, "network": CLONE_NEWNET}
+
+
+def _check(result, what):
+    if result == -1:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+    return result
+
+
+def unshare(flags):
+    _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd, nstype):
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def mount(source, target, fstype, flags):
+    _check(_libc.mount(source, target, fstype, flags, None), f"mount {target.decode()}")
+
+
+def prctl(option, value):
+    _check(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), "prctl")
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _keyed(path):
+    """A cgroup file of 'key value' lines as a dict of ints."""
+    try:
+        return {key: int(value) for key, value in (line.split() for line in _read(path).splitlines() if line)}
+    except (OSError, ValueError):
+        return {}
+
+
+def _mounts():
+    """(mount point, fstype, super options) of every mount, from /proc/self/mountinfo."""
+    for line in _read("/proc/self/mountinfo").splitlines():
+        fields = line.split()
+        tail = fields[fields.index("-") + 1:]
+        yield fields[4].replace("\\040", " "), tail[0], set(tail[2].split(","))
+
+
+def block_device_of(path):
+    """'MAJ:MIN' of the whole disk under path (the kernel throttles disks, not partitions), or None."""
+    device = os.stat(path).st_dev
+    node = f"{os.major(device)}:{os.minor(device)}"
+    sysfs = f"/sys/dev/block/{node}"
+    if not os.path.exists(sysfs):
+        return None  # not a block device: tmpfs, overlay, ...
+    if os.path.exists(os.path.join(sysfs, "partition")):
+        return _read(os.path.join(sysfs, "..", "dev")).strip()
+    return node
+
+
+class Cgroups:
+    """The host's cgroup hierarchy, in which every job gets a group of its own.
+
+    Subclasses speak v2 (one unified tree) or v1 (one tree per controller). Jobs go under the server's own cgroup, so
+    that whatever confines the server confines its jobs too. A group is a list of directories, one per tree.
+    """
+
+    version = None
+    period_us = 100_000
+
+    def __init__(self, io_device):
+        self.io_device = io_device
+        self.controllers = set()  # of "cpu", "memory", "io", "pids"
+
+    @staticmethod
+    def detect(choice="auto", io_device=None):
+        """Cgroups for this host (`choice` of auto, v1, v2), or None when there is none we can use."""
+        mounts = list(_mounts())
+        v2 = next((point for point, fstype, _ in mounts if fstype == "cgroup2"), None)
+        v1 = {option: point for point, fstype, options in mounts if fstype == "cgroup" for option in options}
+        if choice == "v2" or (choice == "auto" and v2 and (not v1 or CgroupV2.has_controllers(v2))):
+            return CgroupV2(v2, io_device) if v2 else None
+        if choice in ("v1", "auto") and v1:
+            return CgroupV1(v1, io_device)
+        return None
+
+    def _groups_of_self(self):
+        """{tree id: path} from /proc/self/cgroup."""
+        return {tree: path for tree, _, path in (line.split(":", 2) for line in _read("/proc/self/cgroup").splitlines())}
+
+    def create(self, name, limits):
+        """Makes the job's group with `limits` applied; returns (directories, the limits applied)."""
+        directories = [os.path.join(base, name) for base in self.bases]
+        for directory in directories:
+            os.mkdir(directory)
+        try:
+            return directories, self._apply(directories, limits)
+        except OSError:
+            self.remove(directories)
+            raise
+
+    def procs_files(self, directories):
+        return [os.path.join(directory, "cgroup.procs") for directory in directories]
+
+    def remove(self, directories):
+        for directory in directories:
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+
+    def remove_stale(self):
+        """Removes the groups of jobs of an earlier server that was killed outright (their inits have ended them)."""
+        for base in self.bases:
+            for name in os.listdir(base):
+                path = os.path.join(base, name)
+                if os.path.isdir(path):
+                    self.kill([path])
+                    try:
+                        os.rmdir(path)
+                    except OSError as e:
+                        log.warning("cannot remove stale cgroup %s: %s", path, e)
+
+    def _kill_listed(self, directories):
+        for procs in self.procs_files(directories):
+            for pid in _read(procs).split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+class CgroupV2(Cgroups):
+    version = "v2"
+    WANTED = ("cpu", "memory", "io", "pids")
+
+    @staticmethod
+    def has_controllers(mount_point):
+        return bool(set(_read(os.path.join(mount_point, "cgroup.controllers")).split()) & set(CgroupV2.WANTED))
+
+    def __init__(self, mount_point, io_device):
+        super().__init__(io_device)
+        own = os.path.join(mount_point, self._groups_of_self()["0"].lstrip("/"))
+        if os.path.realpath(own) != os.path.realpath(mount_point):
+            # A non-root group with processes in it cannot hand controllers to children ("no internal processes"),
+            # so the server moves itself into a leaf of its own group, as a delegated systemd service does.
+            leaf = os.path.join(own, "supervisor")
+            os.makedirs(leaf, exist_ok=True)
+            _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+        base = os.path.join(own, "jobworker")
+        os.makedirs(base, exist_ok=True)
+        available = set(_read(os.path.join(own, "cgroup.controllers")).split())
+        self.controllers = available & set(self.WANTED)
+        for directory in (own, base):
+            for controller in sorted(self.controllers):
+                try:
+                    _write(os.path.join(directory, "cgroup.subtree_control"), "+" + controller)
+                except OSError:
+                    self.controllers.discard(controller)
+        self.bases = [base]
+
+    def _apply(self, directories, limits):
+        (directory,), applied = directories, {}
+
+        def put(name, value, limit):
+            _write(os.path.join(directory, name), value)
+            applied[limit] = limits[limit]
+
+        if limits["cpu_cores"] and "cpu" in self.controllers:
+            put("cpu.max", f"{max(1000, int(limits['cpu_cores'] * self.period_us))} {self.period_us}", "cpu_cores")
+        if limits["memory_bytes"] and "memory" in self.controllers:
+            put("memory.max", str(limits["memory_bytes"]), "memory_bytes")
+            if os.path.exists(os.path.join(directory, "memory.swap.max")):
+                _write(os.path.join(directory, "memory.swap.max"), "0")
+        if limits["pids"] and "pids" in self.controllers:
+            put("pids.max", str(limits["pids"] + 1), "pids")  # + the init
+        io = {"io_read_bps": "rbps", "io_write_bps": "wbps"}
+        if self.io_device and "io" in self.controllers:
+            for limit, key in io.items():
+                if limits[limit]:
+                    put("io.max", f"{self.io_device} {key}={limits[limit]}", limit)
+        return applied
+
+    def kill(self, directories):
+        for directory in directories:
+            kill_file = os.path.join(directory, "cgroup.kill")
+            if os.path.exists(kill_file):
+                _write(kill_file, "1")
+            else:  # before Linux 5.14
+                self._kill_listed([directory])
+
+    def usage(self, directories):
+        (directory,) = directories
+        cpu = _keyed(os.path.join(directory, "cpu.stat")).get("usage_usec", 0) / 1e6
+        peak = os.path.join(directory, "memory.peak")
+        events = _keyed(os.path.join(directory, "memory.events"))
+        return {"cpu_seconds": cpu, "peak_memory_bytes": int(_read(peak)) if os.path.exists(peak) else 0,
+                "oom_killed": events.get("oom_kill", 0) > 0}
+
+
+class CgroupV1(Cgroups):
+    version = "v1"
+    TREES = {"cpu": "cpu", "cpuacct": None, "memory": "memory", "blkio": "io", "pids": "pids"}
+
+    def __init__(self, mounts, io_device):
+        super().__init__(io_device)
+        own = {}
+        for tree, controllers, path in (line.split(":", 2) for line in _read("/proc/self/cgroup").splitlines()):
+            for controller in controllers.split(","):
+                own[controller] = path
+        self.dirs = {}  # controller -> the server's jobworker directory in its tree
+        for controller in self.TREES:
+            if controller in mounts and controller in own:
+                base = os.path.join(mounts[controller], own[controller].lstrip("/"), "jobworker")
+                os.makedirs(base, exist_ok=True)
+                self.dirs[controller] = base
+        self.controllers = {self.TREES[c] for c in self.dirs if self.TREES[c]}
+        self.bases = sorted(set(self.dirs.values()))  # one tree may hold several controllers ("cpu,cpuacct")
+
+    def _in(self, directories, controller, name):
+        base = self.dirs[controller]
+        return next(os.path.join(d, name) for d in directories if os.path.dirname(d) == base)
+
+    def _apply(self, directories, limits):
+        applied = {}
+        if limits["cpu_cores"] and "cpu" in self.dirs:
+            _write(self._in(directories, "cpu", "cpu.cfs_period_us"), str(self.period_us))
+            _write(self._in(directories, "cpu", "cpu.cfs_quota_us"),
+                   str(max(1000, int(limits["cpu_cores"] * self.period_us))))
+            applied["cpu_cores"] = limits["cpu_cores"]
+        if limits["memory_bytes"] and "memory" in self.dirs:
+            _write(self._in(directories, "memory", "memory.limit_in_bytes"), str(limits["memory_bytes"]))
+            memsw = self._in(directories, "memory", "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):  # memory + swap: swap cannot be used to escape the limit
+                _write(memsw, str(limits["memory_bytes"]))
+            applied["memory_bytes"] = limits["memory_bytes"]
+        if limits["pids"] and "pids" in self.dirs:
+            _write(self._in(directories, "pids", "pids.max"), str(limits["pids"] + 1))  # + the init
+            applied["pids"] = limits["pids"]
+        files = {"io_read_bps": "blkio.throttle.read_bps_device", "io_write_bps": "blkio.throttle.write_bps_device"}
+        for limit, name in files.items():
+            if limits[limit] and "blkio" in self.dirs and self.io_device:
+                _write(self._in(directories, "blkio", name), f"{self.io_device} {limits[limit]}")
+                applied[limit] = limits[limit]
+        return applied
+
+    def kill(self, directories):
+        self._kill_listed(directories[:1])  # every tree holds the same processes
+
+    def usage(self, directories):
+        usage = {"cpu_seconds": 0.0, "peak_memory_bytes": 0, "oom_killed": False}
+        if "cpuacct" in self.dirs:
+            usage["cpu_seconds"] = int(_read(self._in(directories, "cpuacct", "cpuacct.usage"))) / 1e9
+        if "memory" in self.dirs:
+            usage["peak_memory_bytes"] = int(_read(self._in(directories, "memory", "memory.max_usage_in_bytes")))
+            oom = _keyed(self._in(directories, "memory", "memory.oom_control"))
+            usage["oom_killed"] = oom.get("oom_kill", 0) > 0
+        return usage
+
+
+class Report:
+    """How a job's init said the job ended, and what the job used."""
+
+    def __init__(self, exit_code=None, sig=0, usage=None):
+        self.exit_code, self.signal, self.usage = exit_code, sig, usage or {}
+
+
+class JobProcess:
+    """The server's handle on a running job: the control channel to its init, the init's pidfd, and its cgroup."""
+
+    def __init__(self, channel, pidfd, pid, cgroups, group, applied, namespaces, mode, user):
+        self.channel, self.pidfd, self.pid = channel, pidfd, pid
+        self._cgroups, self._group, self._applied = cgroups, group, applied
+        self._namespaces, self._mode, self._user = namespaces, mode, user
+        self._final_usage = None
+
+    def signal(self, sig):
+        """Asks the init to send `sig` to every process of the job."""
+        self._tell({"signal": int(sig)})
+
+    def kill(self):
+        """SIGKILL to every process of the job: through the cgroup, then through the init."""
+        if self._group:
+            self._cgroups.kill(self._group)
+        self._tell({"kill": True})
+
+    def _tell(self, message):
+        try:
+            self.channel.send(json.dumps(message).encode())
+        except OSError:
+            pass  # the init has already gone; so has the job
+
+    def usage(self):
+        if self._final_usage is not None:
+            return self._final_usage
+        try:
+            return self._cgroups.usage(self._group) if self._group else {}
+        except OSError:
+            return {}
+
+    def finish(self):
+        """Called once the init has exited: reads its last report, then removes the job's cgroup."""
+        report = Report(sig=signal.SIGKILL)  # no report: the init itself was killed (cgroup kill, OOM)
+        self.channel.setblocking(False)
+        while True:
+            try:
+                message = self.channel.recv(4096)
+            except ConnectionResetError:
+                continue  # the init left some of our messages unread; its own are still queued after this
+            except BlockingIOError:
+                break
+            if not message:
+                break
+            message = json.loads(message)
+            if "exit" in message:
+                report = Report(exit_code=message["exit"])
+            elif "signal" in message:
+                report = Report(sig=message["signal"])
+        self.channel.close()
+        report.usage = self._final_usage = self.usage()
+        if self._group:
+            self._cgroups.remove(self._group)
+        return report
+
+    def isolation(self):
+        return pb.Isolation(mode=self._mode, cgroup=self._cgroups.version if self._group else "",
+                            namespaces=self._namespaces, limits=pb.Limits(**self._applied), user=self._user)
+
+
+class Launcher:
+    """Starts every job's init, through a small single-threaded process of its own (a zygote).
+
+    The server is multi-threaded, and forking it to run Python code in the child is unsafe; spawning a fresh
+    interpreter per job costs tens of milliseconds. So one bare interpreter loads this file at start-up and forks each
+    init from itself on request: a fork of a small process is fast, and every init shares its pages. Requests go over
+    a Unix socket with the job's file descriptors attached; everything the init has to say goes straight to the server
+    on the job's own channel.
+    """
+
+    BOOT = ("import importlib.util as u, sys; s = u.spec_from_file_location('jobworker_launcher', sys.argv[1]); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); m.Launcher.serve(int(sys.argv[2]))")
+    HEADER = struct.Struct("<I")
+
+    def __init__(self, sandbox):
+        self.sandbox = sandbox
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._socket = ours
+        self._lock = threading.Lock()
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", self.BOOT, os.path.abspath(__file__), str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+
+    def close(self):
+        self._socket.close()  # the launcher exits when it sees the end of its socket
+        self._process.wait()
+
+    def spawn(self, job_id, command, limits):
+        """Starts `command` under a new init; returns its JobProcess once the command has been executed."""
+        sandbox = self.sandbox
+        group, applied = sandbox.cgroups.create(job_id, limits) if sandbox.cgroups else (None, {})
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for fd in (out_r, err_r):
+            try:
+                fcntl_setpipe(fd)
+            except OSError:
+                pass  # a smaller pipe only costs throughput
+        request = {"command": command, "env": sandbox.environment, "cwd": "/",
+                   "uid": sandbox.uid, "gid": sandbox.gid, "namespaces": sandbox.namespace_flags,
+                   "cgroup_procs": sandbox.cgroups.procs_files(group) if group else []}
+        try:
+            body = json.dumps(request).encode()
+            with self._lock:
+                socket.send_fds(self._socket, [self.HEADER.pack(len(body))], [theirs.fileno(), out_w, err_w])
+                self._socket.sendall(body)
+        except OSError as e:
+            raise JobError("UNAVAILABLE", f"the job launcher is not running: {e}") from None
+        finally:
+            for fd in (out_w, err_w):
+                os.close(fd)
+            theirs.close()
+        try:
+            pidfd, init_pid, started = self._handshake(channel, command)
+        except BaseException:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            channel.close()
+            if group:
+                sandbox.cgroups.remove(group)
+            raise
+        pid = _child_of(init_pid) or init_pid
+        process = JobProcess(channel, pidfd, pid, sandbox.cgroups, group, applied,
+                             sandbox.namespaces, sandbox.mode, sandbox.user)
+        return process, out_r, err_r
+
+    def _handshake(self, channel, command):
+        """Reads the launcher's and the init's first words: the init's pidfd, and whether the command started.
+
+        They come from two processes, in either order. After an error we read on to the end of the channel, so that
+        the pidfd is in hand to wait for the init to be gone before its cgroup is removed.
+        """
+        pidfd = init_pid = started = error = None
+        channel.settimeout(30)
+        try:
+            while pidfd is None or (started is None and error is None):
+                message, fds, _, _ = socket.recv_fds(channel, 4096, 1)
+                if not message:
+                    break  # both the launcher and the init have closed the channel
+                message = json.loads(message)
+                if fds:
+                    pidfd, init_pid = fds[0], message["init"]
+                elif "error" in message:
+                    error = message
+                else:
+                    started = message["started"]
+        except socket.timeout:
+            error = {"error": errno.ETIMEDOUT, "stage": "launch", "message": "the job's init did not answer"}
+        if started is None:
+            if pidfd is not None:
+                select.select([pidfd], [], [], 10)  # the init exits at once; its cgroup must be empty to go
+                os.close(pidfd)
+            raise _start_error(error or {"error": errno.EIO, "stage": "launch", "message": "no answer"}, command)
+        channel.settimeout(None)
+        return pidfd, init_pid, started
+
+    # -- the launcher process -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def serve(fd):
+        """The launcher's main loop: fork an init for every request until the server goes away."""
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the server
+        requests = socket.socket(fileno=fd)
+        own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # the wakeup fd tells the loop to reap
+        while True:
+            ready, _, _ = select.select([requests, wake_r], [], [])
+            if wake_r in ready:
+                os.read(wake_r, 4096)
+                _reap_all()
+            if requests in ready:
+                header, fds, _, _ = socket.recv_fds(requests, Launcher.HEADER.size, 3)
+                if not header:
+                    os._exit(0)
+                (size,) = Launcher.HEADER.unpack(header)
+                body = bytearray()
+                while len(body) < size:
+                    body += requests.recv(size - len(body))
+                Launcher._fork_init(json.loads(body), fds, own_pid_ns, [fd, wake_r, wake_w, own_pid_ns])
+
+    @staticmethod
+    def _fork_init(request, fds, own_pid_ns, launcher_fds):
+        channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fds[0])
+        pid_ns = bool(request["namespaces"] & CLONE_NEWPID)
+        try:
+            pid = _fork(own_pid_ns if pid_ns else None)
+            if pid == 0:
+                for fd in launcher_fds:
+                    os.close(fd)
+                signal.set_wakeup_fd(-1)
+                Init(channel, fds[1], fds[2], request).run()
+            # The init is our child until we reap it, so this pidfd cannot name another process.
+            pidfd = os.pidfd_open(pid)
+            try:
+                socket.send_fds(channel, [json.dumps({"init": pid}).encode()], [pidfd])
+            finally:
+                os.close(pidfd)
+        except OSError as e:
+            channel.send(json.dumps({"error": e.errno, "stage": "launch", "message": str(e)}).encode())
+        finally:
+            channel.close()
+            os.close(fds[1])
+            os.close(fds[2])
+
+
+def _fork(own_pid_ns=None):
+    """os.fork(); given the launcher's own PID namespace, the child is pid 1 of a new one (and later children are not)."""
+    if own_pid_ns is None:
+        return os.fork()
+    unshare(CLONE_NEWPID)
+    pid = -1
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0:
+            setns(own_pid_ns, CLONE_NEWPID)
+    return pid
+
+
+def fcntl_setpipe(fd, size=1 << 20):
+    import fcntl
+    fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+
+
+def _reap_all():
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _child_of(pid):
+    """The host pid of a process's only child (the job's command under its init), or None if unknown."""
+    try:
+        children = _read(f"/proc/{pid}/task/{pid}/children").split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
+def _start_error(message, command):
+    code = message["error"]
+    if message.get("stage") == "exec":
+        if code in (errno.EAGAIN, errno.ENOMEM):
+            return JobError("RESOURCE_EXHAUSTED", f"cannot start {command[0]!r}: {os.strerror(code)}")
+        return JobError("INVALID_ARGUMENT", f"cannot execute {command[0]!r}: {os.strerror(code)}")
+    return JobError("INTERNAL", f"cannot set up the job ({message['stage']}): {message['message']}")
+
+
+class Init:
+    """The first process of every job: pid 1 of its PID namespace, between the server and the command.
+
+    It places itself in the job's cgroup, enters the job's mount and network namespaces, mounts the job's own /proc,
+    brings loopback up, and starts the command as the job's user. Then it does what the kernel expects of an init
+    and what the server needs of a job: it reaps every zombie, passes stop signals on to every process of the job,
+    and once the command exits it ends whatever the command left running, reports the command's own status, and
+    exits. If the server goes away (its end of the channel closes), the init ends the job with it.
+    """
+
+    FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self, channel, stdout, stderr, request):
+        self.channel, self.stdout, self.stderr, self.request = channel, stdout, stderr, request
+        self.pid_ns = bool(request["namespaces"] & CLONE_NEWPID)
+        self.command_pid = None
+
+    def run(self):
+        try:
+            status = self._run()
+        except BaseException as e:  # an init must never return into the launcher's loop
+            self._say({"error": getattr(e, "errno", None) or errno.EIO, "stage": "init", "message": repr(e)})
+            status = {"signal": signal.SIGKILL}
+        self._say(status)
+        os._exit(0)
+
+    def _say(self, message):
+        try:
+            self.channel.send(json.dumps(message).encode())
+        except OSError:
+            pass
+
+    def _run(self):
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in self.FORWARDED + (signal.SIGCHLD,):
+            signal.signal(sig, lambda *_: None)  # the signal's number arrives on wake_r
+        if not self._setup():
+            return {"signal": signal.SIGKILL}
+        self.channel.setblocking(False)
+        status = None
+        while status is None:
+            ready, _, _ = select.select([wake_r, self.channel], [], [])
+            if self.channel in ready:
+                status = self._obey()
+            if wake_r in ready:
+                for sig in os.read(wake_r, 4096):
+                    if sig == signal.SIGCHLD:
+                        status = self._reap() or status
+                    else:
+                        self._forward(sig)
+        self._end_everything()
+        return status
+
+    def _setup(self):
+        """Everything up to the command's exec; reports the outcome to the server."""
+        request = self.request
+        stage = "cgroup"
+        try:
+            for procs in request["cgroup_procs"]:
+                _write(procs, "0")  # before anything of the job runs, so nothing it forks is ever outside
+            stage = "namespaces"
+            flags = request["namespaces"] & (CLONE_NEWNS | CLONE_NEWNET)
+            if flags:
+                unshare(flags)
+            if flags & CLONE_NEWNS:
+                mount(b"none", b"/", None, MS_REC | MS_PRIVATE)  # our mounts stay ours
+                if self.pid_ns:
+                    mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            if flags & CLONE_NEWNET:
+                _loopback_up()
+            if not self.pid_ns:
+                prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come to us, not to the host's init
+            stage = "exec"
+            user = request["uid"] is not None and request["uid"] != os.geteuid()
+            process = subprocess.Popen(
+                request["command"], stdin=subprocess.DEVNULL, stdout=self.stdout, stderr=self.stderr,
+                env=request["env"], cwd=request["cwd"], start_new_session=True, close_fds=True,
+                user=request["uid"] if user else None, group=request["gid"] if user else None,
+                extra_groups=[] if user else None)
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            code = getattr(e, "errno", None) or (errno.E2BIG if "too long" in str(e) else errno.EINVAL)
+            self._say({"error": code, "stage": stage, "message": str(e)})
+            return False
+        finally:
+            os.close(self.stdout)
+            os.close(self.stderr)
+        self.command_pid = process.pid
+        process.returncode = 0  # we reap it ourselves; keep Popen's destructor from trying to
+        self._say({"started": process.pid})
+        return True
+
+    def _obey(self):
+        """A message from the server, or the end of the channel: the server is gone and the job goes with it."""
+        try:
+            message = self.channel.recv(4096)
+        except BlockingIOError:
+            return None
+        if not message:
+            self._kill_all()
+            return {"signal": signal.SIGKILL}
+        message = json.loads(message)
+        if message.get("kill"):
+            self._kill_all()
+        elif "signal" in message:
+            self._forward(message["signal"])
+        return None
+
+    def _forward(self, sig):
+        try:
+            if self.pid_ns:
+                os.kill(-1, sig)  # every process in our namespace but us
+            else:
+                os.killpg(self.command_pid, sig)
+            if sig == signal.SIGTERM:  # a stopped process must run to act on its SIGTERM
+                os.kill(-1, signal.SIGCONT) if self.pid_ns else os.killpg(self.command_pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self):
+        """Reaps every child that has exited; returns the command's status once it has."""
+        status = None
+        while True:
+            try:
+                pid, code = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return status
+            if pid == 0:
+                return status
+            if pid == self.command_pid:
+                status = {"exit": os.WEXITSTATUS(code)} if os.WIFEXITED(code) else {"signal": os.WTERMSIG(code)}
+
+    def _kill_all(self):
+        """SIGKILL to every process of the job but us."""
+        if self.pid_ns:
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        try:
+            os.killpg(self.command_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for child in _children(os.getpid()):  # what left the process group still ends up ours, as subreaper
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _end_everything(self):
+        """The command has exited: whatever it left running ends with it, as a container's processes do."""
+        while True:
+            self._kill_all()
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+
+
+def _children(pid):
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            children += [int(c) for c in _read(f"/proc/{pid}/task/{task}/children").split()]
+        except OSError:
+            pass
+    return children
+
+
+def _loopback_up():
+    import fcntl
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+class Sandbox:
+    """What confines every job on this server: the isolation mode, its cgroups, namespaces, user and environment."""
+
+    def __init__(self, mode="auto", run_as=None, cgroup="auto", io_device=None, data_dir="."):
+        self.mode = mode
+        problems = []
+        self.cgroups = None
+        self.namespaces = []
+        if mode != "off":
+            if os.geteuid() != 0:
+                problems.append("isolation needs root")
+            else:
+                try:
+                    self.cgroups = Cgroups.detect(cgroup, io_device or block_device_of(data_dir))
+                except OSError as e:
+                    problems.append(f"cgroups: {e}")
+                if self.cgroups is None:
+                    problems.append("no usable cgroup hierarchy")
+                else:
+                    missing = {"cpu", "memory", "io", "pids"} - self.cgroups.controllers
+                    if missing:
+                        problems.append(f"cgroup {self.cgroups.version} lacks the {', '.join(sorted(missing))} "
+                                        "controller(s)")
+                    if not self.cgroups.io_device:
+                        problems.append("no block device under the data directory: disk limits are unavailable")
+                    self.cgroups.remove_stale()
+                self.namespaces, missing_ns = _namespaces_available()
+                problems += [f"{name} namespaces are unavailable" for name in missing_ns]
+        if problems and mode == "on":
+            raise SystemExit("jobworker: --isolation on, but " + "; ".join(problems))
+        for problem in problems:
+            log.warning("isolation: %s", problem)
+        self.namespace_flags = sum(NAMESPACES[name] for name in self.namespaces)
+        user = pwd.getpwnam(run_as) if run_as else (pwd.getpwnam("nobody") if os.geteuid() == 0 else
+                                                    pwd.getpwuid(os.geteuid()))
+        if os.geteuid() != 0 and user.pw_uid != os.geteuid():
+            raise SystemExit(f"jobworker: --run-as {run_as} needs the server to run as root")
+        self.user, self.uid, self.gid = user.pw_name, user.pw_uid, user.pw_gid
+        self.environment = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                            "HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name,
+                            "SHELL": "/bin/sh", "LANG": "C.UTF-8"}
+        log.info("isolation %s: cgroup %s (%s), namespaces %s, jobs run as %s", mode,
+                 self.cgroups.version if self.cgroups else "none",
+                 ", ".join(sorted(self.cgroups.controllers)) if self.cgroups else "-",
+                 ", ".join(self.namespaces) or "none", self.user)
+
+    @property
+    def controllers(self):
+        """The limits this server can enforce, by controller."""
+        if not self.cgroups:
+            return set()
+        return self.cgroups.controllers - (set() if self.cgroups.io_device else {"io"})
+
+
+def _namespaces_available():
+    """Tries each namespace in a throwaway child: which of them can this host give a job?"""
+    available, missing = [], []
+    for name, flag in NAMESPACES.items():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if _libc.unshare(flag) == 0 else 1)
+        _, code = os.waitpid(pid, 0)
+        (available if code == 0 else missing).append(name)
+    return available, missing
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Job manager
+# ---------------------------------------------------------------------------------------------------------------------
+
+class OutputPump(threading.Thread):
+    """One thread that moves every job's output from its pipes into its log, and notices when each init has exited.
+
+    Event-driven over epoll: a job costs it nothing while it is quiet, and no job can hold it up.
+    """
+
+    READ_SIZE = 1 << 20
+
+    def __init__(self):
+        super().__init__(name="output-pump", daemon=True)
+        self._epoll = select.epoll()
+        self._handlers = {}
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._epoll.register(self._stop_r, select.EPOLLIN)
+
+    def watch(self, job, out_r, err_r):
+        for fd, handler in ((out_r, self._output(job, STDOUT, "stdout")), (err_r, self._output(job, STDERR, "stderr")),
+                            (job.process.pidfd, self._init_exit(job))):
+            self._handlers[fd] = handler
+            self._epoll.register(fd, select.EPOLLIN)
+
+    def _output(self, job, source, part):
+        def on_ready(fd):
+            data = os.read(fd, self.READ_SIZE)
+            if data:
+                job.log.append(source, data)
+                return True
+            job.part_ended(part)
+            return False
+        return on_ready
+
+    def _init_exit(self, job):
+        def on_ready(fd):
+            job.part_ended("init")
+            return False
+        return on_ready
+
+    def run(self):
+        while True:
+            for fd, _ in self._epoll.poll():
+                if fd == self._stop_r:
+                    return
+                if not self._handlers[fd](fd):
+                    self._epoll.unregister(fd)
+                    del self._handlers[fd]
+                    os.close(fd)
+
+    def stop(self):
+        os.write(self._stop_w, b"x")
+        self.join()
+        for fd in (self._stop_r, self._stop_w):
+            os.close(fd)
+        self._epoll.close()
+
+
+class LimitPolicy:
+    """The server's defaults (applied where the client sets no limit) and maxima (refused above)."""
+
+    def __init__(self, defaults=None, maxima=None, available=()):
+        self.defaults = {name: 0 for name in LIMITS}
+        self.defaults.update(defaults or {})
+        self.maxima = {"cpu_cores": float(os.cpu_count() or 1), "memory_bytes": _memory_total(),
+                       "io_read_bps": 0, "io_write_bps": 0, "pids": 32768}
+        self.maxima.update(maxima or {})
+        self.available = set(available)
+
+    CONTROLLER = {"cpu_cores": "cpu", "memory_bytes": "memory", "io_read_bps": "io", "io_write_bps": "io", "pids": "pids"}
+
+    def resolve(self, requested):
+        """The limits a job gets, or JobError(INVALID_ARGUMENT / FAILED_PRECONDITION)."""
+        limits = {}
+        for name in LIMITS:
+            value = requested.get(name, 0)
+            if name == "cpu_cores" and (not math.isfinite(value) or value < 0):
+                raise JobError("INVALID_ARGUMENT", f"cpu_cores must be a finite number >= 0, not {value}")
+            if value and self.CONTROLLER[name] not in self.available:
+                raise JobError("FAILED_PRECONDITION", f"{name} limits are not available on this server")
+            maximum = self.maxima[name]
+            if maximum and value > maximum:
+                raise JobError("INVALID_ARGUMENT", f"{name} {value:g} exceeds this server's maximum of {maximum:g}")
+            limits[name] = value or (self.defaults[name] if self.CONTROLLER[name] in self.available else 0)
+        if limits["memory_bytes"] and limits["memory_bytes"] < (4 << 20):
+            raise JobError("INVALID_ARGUMENT", "memory_bytes must be at least 4 MiB (the job's init needs some)")
+        return limits
+
+
+def _memory_total():
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class JobManager:
+    """Every job of this server: starts them, finds them, stops them, and ends them all at shutdown."""
+
+    def __init__(self, data_dir, sandbox, policy):
+        self.jobs_dir = os.path.join(data_dir, "jobs")
+        _remove_tree(self.jobs_dir)  # logs of an earlier server's jobs: no job of ours can reach them
+        os.makedirs(self.jobs_dir, mode=0o700)
+        self.sandbox = sandbox
+        self.policy = policy
+        self.launcher = Launcher(sandbox)
+        self._pump = OutputPump()
+        self._pump.start()
+        self._jobs = {}  # id -> Job, oldest first
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def start(self, owner, command, limits):
+        if not command or not command[0]:
+            raise JobError("INVALID_ARGUMENT", "the command is empty")
+        if any("\0" in arg for arg in command):
+            raise JobError("INVALID_ARGUMENT", "the command contains a NUL byte, which no argument can hold")
+        limits = self.policy.resolve(limits)
+        job_id = str(uuid.uuid4())
+        output_log = OutputLog(os.path.join(self.jobs_dir, job_id))
+        try:
+            with self._lock:
+                if self._closed:
+                    raise JobError("UNAVAILABLE", "the server is shutting down")
+            process, out_r, err_r = self.launcher.spawn(job_id, command, limits)
+        except BaseException:
+            output_log.remove()
+            raise
+        job = Job(job_id, owner, list(command), output_log, process)
+        with self._lock:
+            self._jobs[job_id] = job
+        self._pump.watch(job, out_r, err_r)
+        return job
+
+    def get(self, job_id):
+        return self._jobs.get(job_id)
+
+    def jobs(self):
+        """Every job, newest first."""
+        with self._lock:
+            return list(reversed(self._jobs.values()))
+
+    def stop(self, job, force=False, grace=DEFAULT_STOP_GRACE):
+        """Ends `job` (SIGTERM, then SIGKILL after `grace` seconds) and returns once every process of it is gone."""
+        if job.ended.is_set():
+            return job
+        job.stop_requested = True
+        if not force:
+            job.process.signal(signal.SIGTERM)
+            if job.ended.wait(grace):
+                return job
+        job.process.kill()
+        job.ended.wait()
+        return job
+
+    def shutdown(self, grace=SHUTDOWN_GRACE):
+        """Stops every running job, waits for them, and releases everything the manager holds."""
+        with self._lock:
+            self._closed = True
+        running = [job for job in self.jobs() if not job.ended.is_set()]
+        for job in running:
+            job.stop_requested = True
+            job.process.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for job in running:
+            if not job.ended.wait(max(0.0, deadline - time.monotonic())):
+                job.process.kill()
+        for job in running:
+            job.ended.wait()
+        self._pump.stop()
+        self.launcher.close()
+
+
+def _remove_tree(path):
+    if not os.path.lexists(path):
+        return
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(root, name))
+        for name in dirs:
+            os.rmdir(os.path.join(root, name))
+    os.rmdir(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Security: TLS, identity, roles
+# ---------------------------------------------------------------------------------------------------------------------
+
+# BoringSSL offers no minimum-version setting through gRPC Python; TLS 1.3 is enforced on every call (see Guard).
+# What can be restricted is the TLS 1.2 cipher list, which gRPC reads from the environment when it loads.
+TLS12_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
+                 "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305")
+os.environ["GRPC_SSL_CIPHER_SUITES"] = TLS12_CIPHERS
+
+ROLES = ("admin", "user", "observer")
+EVERY, OWN = "every job", "own jobs"
+
+# Who may call what, and on whose jobs. A method missing here, or a role missing from its entry, is refused.
+POLICY = {
+    "Start": {"admin": EVERY, "user": OWN},
+    "Stop": {"admin": EVERY, "user": OWN},
+    "Query": {"admin": EVERY, "user": OWN, "observer": EVERY},
+    "Stream": {"admin": EVERY, "user": OWN, "observer": EVERY},
+    "List": {"admin": EVERY, "user": OWN, "observer": EVERY},
+}
+AUDITED = {"Start", "Stop"}
+
+OID_CN, OID_OU = "2.5.4.3", "2.5.4.11"
+
+
+class Denied(Exception):
+    """A caller refused before its call runs; `code` is the gRPC status name."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+class Caller:
+    """An authenticated caller: its identity (certificate CN), its role, and the jobs the current call may touch."""
+
+    def __init__(self, identity, role, scope=None):
+        self.identity, self.role, self.scope = identity, role, scope
+
+    def may_see(self, job):
+        return self.scope == EVERY or job.owner == self.identity
+
+
+def _der(data, offset):
+    """One strict DER element at `offset`: (tag, content start, content end)."""
+    if offset + 2 > len(data):
+        raise ValueError("truncated")
+    tag, length = data[offset], data[offset + 1]
+    offset += 2
+    if tag & 0x1F == 0x1F:
+        raise ValueError("high tag numbers are not used in certificate names")
+    if length & 0x80:
+        count = length & 0x7F
+        if count == 0 or count > 4 or offset + count > len(data) or data[offset] == 0:
+            raise ValueError("bad length")
+        length = int.from_bytes(data[offset:offset + count], "big")
+        if length < 0x80:
+            raise ValueError("non-minimal length")
+        offset += count
+    if offset + length > len(data):
+        raise ValueError("truncated")
+    return tag, offset, offset + length
+
+
+def _der_children(data, start, end):
+    while start < end:
+        tag, content, start = _der(data, start)
+        yield tag, content, start
+
+
+def _oid(body):
+    first = body[0]
+    arcs = [min(first // 40, 2), first - 40 * min(first // 40, 2)]
+    value = 0
+    for byte in body[1:]:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    return ".".join(map(str, arcs))
+
+
+STRING_TYPES = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii", 0x1E: "utf-16-be", 0x1C: "utf-32-be"}
+
+
+def subject_attributes(der):
+    """[(OID, value)] of every attribute in the subject of a DER certificate, read strictly from its structure.
+
+    Reading the structure, rather than the RFC 2253 string gRPC also offers, means no escaped comma, plus sign or
+    equals sign in any value can pass for an attribute it is not. Any string type we cannot decode is refused.
+    """
+    tag, start, end = _der(der, 0)                         # Certificate
+    tag, start, end = _der(der, start)                     # TBSCertificate
+    fields = list(_der_children(der, start, end))
+    if fields and fields[0][0] == 0xA0:                    # [0] version
+        fields = fields[1:]
+    if len(fields) < 5 or fields[4][0] != 0x30:            # serial, signature, issuer, validity, subject
+        raise ValueError("not a certificate")
+    attributes = []
+    _, start, end = fields[4]
+    for rdn_tag, rdn_start, rdn_end in _der_children(der, start, end):
+        if rdn_tag != 0x31:
+            raise ValueError("bad RDN")
+        for atv_tag, atv_start, atv_end in _der_children(der, rdn_start, rdn_end):
+            parts = list(_der_children(der, atv_start, atv_end))
+            if atv_tag != 0x30 or len(parts) != 2 or parts[0][0] != 0x06:
+                raise ValueError("bad attribute")
+            (_, oid_start, oid_end), (value_tag, value_start, value_end) = parts
+            if value_tag not in STRING_TYPES:
+                raise ValueError(f"attribute string type 0x{value_tag:02x} is not accepted")
+            value = bytes(der[value_start:value_end]).decode(STRING_TYPES[value_tag])  # strict
+            attributes.append((_oid(der[oid_start:oid_end]), value))
+    return attributes
+
+
+def _pem_to_der(pem):
+    import base64
+    text = pem.decode("ascii") if isinstance(pem, bytes) else pem
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    if text.count(begin) != 1 or end not in text:
+        raise ValueError("expected one PEM certificate")
+    return base64.b64decode(text.split(begin)[1].split(end)[0], validate=False)
+
+
+_identities = {}
+
+
+def identify(pem):
+    """Caller(identity, role) from a client certificate in PEM form, or Denied. Exactly one CN and one role OU."""
+    cached = _identities.get(pem)
+    if cached is not None:
+        return cached
+    try:
+        attributes = subject_attributes(memoryview(_pem_to_der(pem)))
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise Denied("UNAUTHENTICATED", f"unreadable client certificate: {e}") from None
+    names = [value for oid, value in attributes if oid == OID_CN]
+    units = [value for oid, value in attributes if oid == OID_OU]
+    if len(names) != 1 or not names[0]:
+        raise Denied("UNAUTHENTICATED", "the client certificate must name exactly one CN")
+    if len(units) != 1 or units[0] not in ROLES:
+        found = ", ".join(repr(u) for u in units) or "none"
+        raise Denied("PERMISSION_DENIED", f"the client certificate must carry exactly one role OU "
+                                          f"({', '.join(ROLES)}); it has {found}")
+    caller = Caller(names[0], units[0])
+    if len(_identities) > 1024:
+        _identities.clear()
+    _identities[pem] = caller
+    return caller
+
+
+def authorize(method, auth_context):
+    """The one place that decides whether a call may run: TLS 1.3, a readable identity, and POLICY."""
+    if auth_context.get("transport_security_type") != [b"ssl"]:
+        raise Denied("UNAUTHENTICATED", "mutual TLS is required")
+    if auth_context.get("ssl_tls_version") != [b"TLSv1.3"]:
+        raise Denied("UNAUTHENTICATED", "TLS 1.3 is required")
+    certificates = auth_context.get("x509_pem_cert")
+    if not certificates:
+        raise Denied("UNAUTHENTICATED", "a client certificate is required")
+    caller = identify(certificates[0])
+    scope = POLICY.get(method, {}).get(caller.role)
+    if scope is None:
+        verb = method.lower()
+        raise Denied("PERMISSION_DENIED", f"{caller.role}s cannot {verb} jobs" if method in POLICY
+                     else f"{method} is not allowed")
+    return Caller(caller.identity, caller.role, scope)
+
+
+def server_credentials(cert, key, ca):
+    return grpc.ssl_server_credentials([(_read_bytes(key), _read_bytes(cert))], root_certificates=_read_bytes(ca),
+                                       require_client_auth=True)
+
+
+def channel_credentials(cert, key, ca):
+    return grpc.ssl_channel_credentials(root_certificates=_read_bytes(ca), private_key=_read_bytes(key),
+                                        certificate_chain=_read_bytes(cert))
+
+
+def _read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class Audit:
+    """One JSON line per start and stop, to the audit file and the server log: who, what, when, result."""
+
+    def __init__(self, path):
+        self._file = open(path, "a", buffering=1)
+        self._lock = threading.Lock()
+
+    def record(self, caller, action, result, **details):
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "who": caller.identity if caller else None,
+                 "role": caller.role if caller else None, "action": action, "result": result, **details}
+        line = json.dumps(entry, sort_keys=True)
+        with self._lock:
+            self._file.write(line + "\n")
+        log.info("audit %s", line)
+
+    def close(self):
+        self._file.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# gRPC servicer
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _job_id(text):
+    try:
+        if str(uuid.UUID(text)) == text:
+            return text
+    except ValueError:
+        pass
+    raise JobError("INVALID_ARGUMENT", f"not a job id (a lower-case UUID): {text[:64]!r}")
+
+
+class Servicer:
+    """The JobWorker RPCs. Each receives the Caller that Guard has authorized."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    def _visible(self, job_id, caller):
+        job = self.manager.get(_job_id(job_id))
+        if job is None or not caller.may_see(job):
+            raise JobError("NOT_FOUND", f"no job {job_id}")  # the same answer whether it exists or not
+        return job
+
+    def Start(self, request, context, caller):
+        limits = {name: getattr(request.limits, name) for name in LIMITS}
+        job = self.manager.start(caller.identity, list(request.command), limits)
+        return pb.StartResponse(job_id=job.id, status=job.status())
+
+    def Stop(self, request, context, caller):
+        job = self._visible(request.job_id, caller)
+        grace = request.timeout_seconds if request.HasField("timeout_seconds") else DEFAULT_STOP_GRACE
+        if not math.isfinite(grace) or not 0 <= grace <= MAX_STOP_GRACE:
+            raise JobError("INVALID_ARGUMENT", f"timeout_seconds must be between 0 and {MAX_STOP_GRACE:g}")
+        return self.manager.stop(job, force=request.force, grace=grace).status()
+
+    def Query(self, request, context, caller):
+        return self._visible(request.job_id, caller).status()
+
+    def List(self, request, context, caller):
+        return pb.ListResponse(jobs=[job.status() for job in self.manager.jobs() if caller.may_see(job)])
+
+    def Stream(self, request, context, caller):
+        job = self._visible(request.job_id, caller)
+        if request.offset > job.log.size:
+            raise JobError("OUT_OF_RANGE", f"offset {request.offset} is past the {job.log.size} bytes of output")
+        reader = LogReader(job.log, request.offset)
+        context.add_callback(reader.cancel)  # a client that goes away wakes and ends its reader
+        return self._stream(job, reader)
+
+    @staticmethod
+    def _stream(job, reader):
+        for source, offset, data in reader:
+            yield pb.StreamResponse(source=source, data=data, offset=offset)
+        if not reader.cancelled:
+            yield pb.StreamResponse(offset=reader.offset, status=job.status())
+
+
+class Guard:
+    """Runs every RPC behind authorize(), so no call reaches the Servicer unchecked, and audits starts and stops.
+
+    It builds the service's handlers itself from the proto's service descriptor (the equivalent of an interceptor),
+    so a streaming call is refused before its first byte, and a method without a POLICY entry cannot be served.
+    """
+
+    def __init__(self, servicer, audit):
+        self.servicer, self.audit = servicer, audit
+
+    def handler(self):
+        service = pb.DESCRIPTOR.services_by_name["JobWorker"]
+        handlers = {}
+        for method in service.methods:
+            if method.name not in POLICY:
+                raise RuntimeError(f"RPC {method.name} has no entry in POLICY")
+            make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+            handlers[method.name] = make(
+                self._guarded(method.name, getattr(self.servicer, method.name)),
+                request_deserializer=getattr(pb, method.input_type.name).FromString,
+                response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+        return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+    def _guarded(self, method, implementation):
+        audited = method in AUDITED
+
+        def guarded(request, context):
+            caller = None
+            try:
+                caller = authorize(method, context.auth_context())
+                response = implementation(request, context, caller)
+            except (Denied, JobError) as e:
+                if audited:
+                    self._audit(method, caller or _peer_caller(context), request, e.code, str(e))
+                context.abort(getattr(grpc.StatusCode, e.code), str(e))
+            if audited:
+                self._audit(method, caller, request, "OK", job_id=getattr(response, "job_id", request_job(request)))
+            return response
+        return guarded
+
+    def _audit(self, method, caller, request, result, message=None, job_id=None):
+        details = {"job_id": job_id or request_job(request)}
+        if method == "Start":
+            details["command"] = list(request.command)[:64]
+        if method == "Stop":
+            details["force"] = request.force
+        if message:
+            details["error"] = message
+        self.audit.record(caller, method.lower(), result, **details)
+
+
+def request_job(request):
+    return getattr(request, "job_id", None) or None
+
+
+def _peer_caller(context):
+    """Who a refused caller claimed to be, for the audit log, if its certificate says."""
+    names = context.auth_context().get("x509_common_name")
+    return Caller(names[0].decode(errors="replace"), None) if names else None
+
+
+class Server:
+    """The gRPC server: mutual TLS on one address, the Guard in front of the Servicer, the JobManager behind it."""
+
+    def __init__(self, addr, cert, key, ca, data_dir, sandbox, policy, workers=256):
+        from concurrent import futures
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        self.manager = JobManager(data_dir, sandbox, policy)
+        self.audit = Audit(os.path.join(data_dir, "audit.log"))
+        options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0)]
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+                                 options=options, maximum_concurrent_rpcs=workers)
+        self._grpc.add_generic_rpc_handlers((Guard(Servicer(self.manager), self.audit).handler(),))
+        try:
+            self.port = self._grpc.add_secure_port(addr, server_credentials(cert, key, ca))
+        except RuntimeError as e:
+            self.manager.shutdown()
+            raise SystemExit(f"jobworker: cannot listen on {addr}: {e}") from None
+        self._grpc.start()
+
+    def shutdown(self):
+        """Stops taking calls, stops every job, and waits for the in-flight calls (their streams end with the jobs)."""
+        stopped = self._grpc.stop(grace=SHUTDOWN_GRACE + 5)
+        self.manager.shutdown()
+        stopped.wait()
+        self.audit.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Client
+# ---------------------------------------------------------------------------------------------------------------------
+
+class Client:
+    """A connection to a jobworker server, with the calls a script needs."""
+
+    def __init__(self, addr, cert, key, ca):
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        self.channel = grpc.secure_channel(addr, channel_credentials(cert, key, ca), options=options)
+        self.stub = pb_grpc.JobWorkerStub(self.channel)
+
+    def close(self):
+        self.channel.close()
+
+    def start(self, command, **limits):
+        return self.stub.Start(pb.StartRequest(command=command, limits=pb.Limits(**limits))).job_id
+
+    def stop(self, job_id, force=False, timeout=None):
+        request = pb.StopRequest(job_id=job_id, force=force)
+        if timeout is not None:
+            request.timeout_seconds = timeout
+        return self.stub.Stop(request)
+
+    def query(self, job_id):
+        return self.stub.Query(pb.QueryRequest(job_id=job_id))
+
+    def list(self):
+        return list(self.stub.List(pb.ListRequest()).jobs)
+
+    def stream(self, job_id, offset=0, retries=8):
+        """Yields StreamResponses from `offset`; reconnects with backoff and resumes after the last byte received."""
+        failures = 0
+        while True:
+            try:
+                for message in self.stub.Stream(pb.StreamRequest(job_id=job_id, offset=offset)):
+                    failures = 0
+                    offset = message.offset + len(message.data)
+                    yield message
+                return
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or failures >= retries:
+                    raise
+                failures += 1
+                time.sleep(min(0.1 * 2 ** failures, 5.0))  # backoff before reconnecting
+
+
+def status_exit_code(status):
+    """The exit status `ssh host cmd` would give: the command's own, or 128+N if signal N ended it."""
+    if status.HasField("exit_code"):
+        return status.exit_code
+    return 128 + status.signal if status.signal else 255
+
+
+def describe(status):
+    """A short human-readable form of a JobStatus."""
+    state = pb.JobState.Name(status.state)
+    if status.HasField("exit_code"):
+        how = f"exit {status.exit_code}"
+    elif status.signal:
+        how = f"signal {status.signal} ({signal.Signals(status.signal).name})"
+    else:
+        how = f"pid {status.pid}"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.started_at.seconds))
+    return (f"{status.job_id}  {state:<10} {how:<20} {status.owner:<12} {started}  "
+            f"{status.output_bytes:>10}B  {' '.join(status.command)}")
+
+
+def to_json(message):
+    return json_format.MessageToJson(message, preserving_proto_field_name=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CERTS = os.path.join(HERE, "certs")
+
+
+def _connection_flags(parser, role_default="admin"):
+    env = os.environ.get
+    parser.add_argument("--addr", default=env("JOBWORKER_ADDR", "127.0.0.1:7777"), help="server HOST:PORT")
+    parser.add_argument("--cert", default=env("JOBWORKER_CERT", os.path.join(CERTS, f"{role_default}.pem")))
+    parser.add_argument("--key", default=env("JOBWORKER_KEY", os.path.join(CERTS, f"{role_default}.key")))
+    parser.add_argument("--ca", default=env("JOBWORKER_CA", os.path.join(CERTS, "ca.pem")))
+
+
+def _limit_option(text):
+    name, _, value = text.partition("=")
+    parse = {"cpu": float, "memory": parse_size, "io-read-bps": parse_size, "io-write-bps": parse_size, "pids": int}
+    if name not in parse:
+        raise argparse.ArgumentTypeError(f"unknown limit {name!r} (one of {', '.join(parse)})")
+    try:
+        return {"cpu": "cpu_cores", "memory": "memory_bytes", "io-read-bps": "io_read_bps",
+                "io-write-bps": "io_write_bps", "pids": "pids"}[name], parse[name](value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _size(text):
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="jobworker.py", description="Run Linux commands for remote clients, safely.")
+    commands = parser.add_subparsers(dest="action", required=True, metavar="{serve,start,stop,query,stream,list}")
+
+    serve = commands.add_parser("serve", help="run the service")
+    serve.add_argument("--addr", default="127.0.0.1:7777")
+    serve.add_argument("--cert", default=os.path.join(CERTS, "server.pem"))
+    serve.add_argument("--key", default=os.path.join(CERTS, "server.key"))
+    serve.add_argument("--ca", default=os.path.join(CERTS, "ca.pem"), help="the CA that signs client certificates")
+    serve.add_argument("--data-dir", default=os.path.join(HERE, "data"))
+    serve.add_argument("--isolation", choices=("on", "off", "auto"), default="auto")
+    serve.add_argument("--run-as", metavar="USER", help="user the jobs run as (default: nobody when root)")
+    serve.add_argument("--cgroup", choices=("auto", "v1", "v2"), default="auto", help="which cgroup hierarchy to use")
+    serve.add_argument("--io-device", metavar="MAJ:MIN", help="device for disk limits (default: the data dir's disk)")
+    serve.add_argument("--default", dest="defaults", action="append", type=_limit_option, default=[],
+                       metavar="LIMIT=VALUE", help="a default limit: cpu, memory, io-read-bps, io-write-bps, pids")
+    serve.add_argument("--max", dest="maxima", action="append", type=_limit_option, default=[],
+                       metavar="LIMIT=VALUE", help="a maximum a client may ask for")
+
+    start = commands.add_parser("start", help="start a job and print its id")
+    _connection_flags(start)
+    start.add_argument("--cpu", type=float, default=0.0, metavar="CORES")
+    start.add_argument("--memory", type=_size, default=0, metavar="SIZE")
+    start.add_argument("--io-read-bps", type=_size, default=0, metavar="N")
+    start.add_argument("--io-write-bps", type=_size, default=0, metavar="N")
+    start.add_argument("--pids", type=int, default=0, metavar="N")
+    start.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+    stop = commands.add_parser("stop", help="stop a job")
+    _connection_flags(stop)
+    stop.add_argument("--force", action="store_true", help="SIGKILL at once")
+    stop.add_argument("--timeout", type=float, metavar="SECONDS", help="grace period before SIGKILL (default 10)")
+    stop.add_argument("--json", action="store_true")
+    stop.add_argument("job_id", metavar="JOB_ID")
+
+    query = commands.add_parser("query", help="show a job's status")
+    _connection_flags(query)
+    query.add_argument("--json", action="store_true")
+    query.add_argument("job_id", metavar="JOB_ID")
+
+    stream = commands.add_parser("stream", help="write a job's output, then exit with its status")
+    _connection_flags(stream)
+    stream.add_argument("--offset", type=int, default=0, metavar="N")
+    stream.add_argument("job_id", metavar="JOB_ID")
+
+    listing = commands.add_parser("list", help="list the jobs you may see")
+    _connection_flags(listing)
+    listing.add_argument("--json", action="store_true")
+    return parser
+
+
+def serve(args):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    _raise_fd_limit()
+    for path in (args.cert, args.key, args.ca):
+        try:
+            _read_bytes(path)
+        except OSError as e:
+            raise SystemExit(f"jobworker: cannot read {path}: {e.strerror}") from None
+    try:
+        os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
+        probe = os.path.join(args.data_dir, ".writable")
+        _write(probe, "")
+        os.unlink(probe)
+    except OSError as e:
+        raise SystemExit(f"jobworker: the data directory {args.data_dir} is not writable: {e.strerror}") from None
+    sandbox = Sandbox(args.isolation, args.run_as, args.cgroup, args.io_device, args.data_dir)
+    policy = LimitPolicy(dict(args.defaults), dict(args.maxima), sandbox.controllers)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = Server(args.addr, args.cert, args.key, args.ca, args.data_dir, sandbox, policy)
+    log.info("serving on %s (data in %s)", args.addr if server.port else args.addr, args.data_dir)
+    print(f"listening on port {server.port}", flush=True)
+    stop.wait()
+    log.info("shutting down: stopping every job")
+    server.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def _raise_fd_limit():
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # each running job holds a few descriptors
+
+
+def run_client(args):
+    for path in (args.cert, args.key, args.ca):
+        if not os.path.exists(path):
+            raise SystemExit(f"jobworker: {path} does not exist (run `make cert`, or pass --cert/--key/--ca)")
+    client = Client(args.addr, args.cert, args.key, args.ca)
+    try:
+        return CLIENT_ACTIONS[args.action](client, args)
+    finally:
+        client.close()
+
+
+def cli_start(client, args):
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise SystemExit("jobworker: start needs a command: start [OPTIONS] -- CMD [ARG...]")
+    print(client.start(command, cpu_cores=args.cpu, memory_bytes=args.memory, io_read_bps=args.io_read_bps,
+                       io_write_bps=args.io_write_bps, pids=args.pids))
+    return 0
+
+
+def cli_stop(client, args):
+    status = client.stop(args.job_id, force=args.force, timeout=args.timeout)
+    print(to_json(status) if args.json else describe(status))
+    return 0
+
+
+def cli_query(client, args):
+    status = client.query(args.job_id)
+    print(to_json(status) if args.json else describe(status))
+    return 0
+
+
+def cli_list(client, args):
+    jobs = client.list()
+    if args.json:
+        print(to_json(pb.ListResponse(jobs=jobs)))
+    else:
+        for status in jobs:
+            print(describe(status))
+    return 0
+
+
+def cli_stream(client, args):
+    outputs = {pb.StreamResponse.STDOUT: sys.stdout.buffer.fileno(), pb.StreamResponse.STDERR: sys.stderr.buffer.fileno()}
+    for message in client.stream(args.job_id, args.offset):
+        if message.data:
+            _write_all(outputs[message.source], message.data)
+        if message.HasField("status"):
+            return status_exit_code(message.status)
+    raise SystemExit("jobworker: the stream ended without the job's status")
+
+
+CLIENT_ACTIONS = {"start": cli_start, "stop": cli_stop, "query": cli_query, "stream": cli_stream, "list": cli_list}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.action == "serve":
+            return serve(args)
+        return run_client(args)
+    except grpc.RpcError as e:
+        print(f"{e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 141  # our reader went away, as with any Unix tool writing to a closed pipe
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
