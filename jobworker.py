@@ -14,6 +14,7 @@ job manager, security, the gRPC servicer, the client, and the command line.
 """
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import importlib
@@ -210,6 +211,14 @@ class LogReader:
             os.close(self._runs)
 
 
+class Outcome:
+    """How a job ended: its state, the command's exit code or the signal that ended it, and what it used."""
+
+    def __init__(self, exit_code=None, sig=0, usage=None, state=None, ended_at=None):
+        self.exit_code, self.signal, self.usage = exit_code, sig, usage or {}
+        self.state, self.ended_at = state, ended_at
+
+
 class Job:
     """One command run for a client: who owns it, its process, its output, and how it ended."""
 
@@ -220,11 +229,7 @@ class Job:
         self.log = output_log
         self.process = process
         self.started_at = time.time()
-        self.ended_at = None
-        self.state = "RUNNING"
-        self.exit_code = None
-        self.signal = 0
-        self.usage = None
+        self.outcome = None  # set once, when the job has ended, and never changed
         self.stop_requested = False
         self.ended = threading.Event()
         self._open_parts = {"stdout", "stderr", "init"}
@@ -236,31 +241,34 @@ class Job:
             self._open_parts.discard(part)
             if self._open_parts:
                 return
-        report = self.process.finish()
-        if report.usage.get("oom_killed") and report.signal == signal.SIGKILL:
-            state = "OOM_KILLED"
-        elif self.stop_requested:
-            state = "STOPPED"
+        try:
+            outcome = self.process.finish()
+        except Exception:
+            log.exception("job %s: cannot read how it ended", self.id)
+            outcome = Outcome(sig=signal.SIGKILL)
+        if self.stop_requested:
+            outcome.state = "STOPPED"
+        elif outcome.usage.get("oom_killed") and outcome.signal == signal.SIGKILL:
+            outcome.state = "OOM_KILLED"
         else:
-            state = "EXITED"
-        self.usage, self.exit_code, self.signal = report.usage, report.exit_code, report.signal
-        self.ended_at = time.time()
-        self.state = state
-        self.log.close()  # after the state is final, so a stream's last message carries it
+            outcome.state = "EXITED"
+        outcome.ended_at = time.time()
+        self.outcome = outcome
+        self.log.close()  # after the outcome is set, so a stream's last message carries it
         self.ended.set()
 
     def status(self):
+        outcome = self.outcome
         status = pb.JobStatus(
-            job_id=self.id, owner=self.owner, command=self.command, state=pb.JobState.Value(self.state),
-            signal=self.signal, pid=self.process.pid, output_bytes=self.log.size,
-            isolation=self.process.isolation())
+            job_id=self.id, owner=self.owner, command=self.command, pid=self.process.pid,
+            state=pb.JobState.Value(outcome.state if outcome else "RUNNING"), output_bytes=self.log.size,
+            usage=pb.Usage(**(outcome.usage if outcome else self.process.usage())), isolation=self.process.isolation())
         status.started_at.FromNanoseconds(int(self.started_at * 1e9))
-        if self.ended_at is not None:
-            status.ended_at.FromNanoseconds(int(self.ended_at * 1e9))
-            if self.exit_code is not None:
-                status.exit_code = self.exit_code
-        usage = self.usage if self.usage is not None else self.process.usage()
-        status.usage.CopyFrom(pb.Usage(**usage))
+        if outcome:
+            status.ended_at.FromNanoseconds(int(outcome.ended_at * 1e9))
+            status.signal = outcome.signal
+            if outcome.exit_code is not None:
+                status.exit_code = outcome.exit_code
         return status
 
 
@@ -342,15 +350,23 @@ class Cgroups:
     """The host's cgroup hierarchy, in which every job gets a group of its own.
 
     Subclasses speak v2 (one unified tree) or v1 (one tree per controller). Jobs go under the server's own cgroup, so
-    that whatever confines the server confines its jobs too. A group is a list of directories, one per tree.
+    that whatever confines the server confines its jobs too, in a directory of this server's own (`jobworker-PID`),
+    so that servers sharing a cgroup never touch each other's jobs. A job's group is a list of directories, one per
+    tree.
     """
 
     version = None
     period_us = 100_000
+    PREFIX = "jobworker-"
 
-    def __init__(self, io_device):
+    def __init__(self, io_device, parents):
         self.io_device = io_device
         self.controllers = set()  # of "cpu", "memory", "io", "pids"
+        self.parents = parents
+        self.remove_stale()
+        self.bases = [os.path.join(parent, f"{self.PREFIX}{os.getpid()}") for parent in parents]
+        for base in self.bases:
+            os.makedirs(base, exist_ok=True)
 
     @staticmethod
     def detect(choice="auto", io_device=None):
@@ -363,10 +379,6 @@ class Cgroups:
         if choice in ("v1", "auto") and v1:
             return CgroupV1(v1, io_device)
         return None
-
-    def _groups_of_self(self):
-        """{tree id: path} from /proc/self/cgroup."""
-        return {tree: path for tree, _, path in (line.split(":", 2) for line in _read("/proc/self/cgroup").splitlines())}
 
     def create(self, name, limits):
         """Makes the job's group with `limits` applied; returns (directories, the limits applied)."""
@@ -389,17 +401,28 @@ class Cgroups:
             except FileNotFoundError:
                 pass
 
+    def close(self):
+        """Removes this server's directories, once every job has ended."""
+        try:
+            self.remove(self.bases)
+        except OSError as e:
+            log.error("cannot remove %s: %s", self.bases, e)
+
     def remove_stale(self):
-        """Removes the groups of jobs of an earlier server that was killed outright (their inits have ended them)."""
-        for base in self.bases:
-            for name in os.listdir(base):
-                path = os.path.join(base, name)
-                if os.path.isdir(path):
-                    self.kill([path])
-                    try:
-                        os.rmdir(path)
-                    except OSError as e:
-                        log.warning("cannot remove stale cgroup %s: %s", path, e)
+        """Removes what a server that was killed outright left behind (its jobs' inits have already ended them)."""
+        for parent in self.parents:
+            for name in os.listdir(parent):
+                pid = name[len(self.PREFIX):]
+                if not name.startswith(self.PREFIX) or not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+                    continue
+                base = os.path.join(parent, name)
+                try:
+                    groups = [entry.path for entry in os.scandir(base) if entry.is_dir(follow_symlinks=False)]
+                    for group in groups:
+                        self._kill_listed([group])
+                    self.remove(groups + [base])
+                except OSError as e:
+                    log.warning("cannot remove the stale cgroup %s: %s", base, e)
 
     def _kill_listed(self, directories):
         for procs in self.procs_files(directories):
@@ -419,25 +442,23 @@ class CgroupV2(Cgroups):
         return bool(set(_read(os.path.join(mount_point, "cgroup.controllers")).split()) & set(CgroupV2.WANTED))
 
     def __init__(self, mount_point, io_device):
-        super().__init__(io_device)
-        own = os.path.join(mount_point, self._groups_of_self()["0"].lstrip("/"))
+        own_path = next(line[3:] for line in _read("/proc/self/cgroup").splitlines() if line.startswith("0::"))
+        own = os.path.join(mount_point, own_path.lstrip("/"))
         if os.path.realpath(own) != os.path.realpath(mount_point):
             # A non-root group with processes in it cannot hand controllers to children ("no internal processes"),
             # so the server moves itself into a leaf of its own group, as a delegated systemd service does.
             leaf = os.path.join(own, "supervisor")
             os.makedirs(leaf, exist_ok=True)
             _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
-        base = os.path.join(own, "jobworker")
-        os.makedirs(base, exist_ok=True)
+        super().__init__(io_device, [own])
         available = set(_read(os.path.join(own, "cgroup.controllers")).split())
         self.controllers = available & set(self.WANTED)
-        for directory in (own, base):
+        for directory in (own, self.bases[0]):
             for controller in sorted(self.controllers):
                 try:
                     _write(os.path.join(directory, "cgroup.subtree_control"), "+" + controller)
                 except OSError:
                     self.controllers.discard(controller)
-        self.bases = [base]
 
     def _apply(self, directories, limits):
         (directory,), applied = directories, {}
@@ -483,19 +504,16 @@ class CgroupV1(Cgroups):
     TREES = {"cpu": "cpu", "cpuacct": None, "memory": "memory", "blkio": "io", "pids": "pids"}
 
     def __init__(self, mounts, io_device):
-        super().__init__(io_device)
         own = {}
-        for tree, controllers, path in (line.split(":", 2) for line in _read("/proc/self/cgroup").splitlines()):
+        for _, controllers, path in (line.split(":", 2) for line in _read("/proc/self/cgroup").splitlines()):
             for controller in controllers.split(","):
                 own[controller] = path
-        self.dirs = {}  # controller -> the server's jobworker directory in its tree
-        for controller in self.TREES:
-            if controller in mounts and controller in own:
-                base = os.path.join(mounts[controller], own[controller].lstrip("/"), "jobworker")
-                os.makedirs(base, exist_ok=True)
-                self.dirs[controller] = base
+        parents = {controller: os.path.join(mounts[controller], own[controller].lstrip("/"))
+                   for controller in self.TREES if controller in mounts and controller in own}
+        super().__init__(io_device, sorted(set(parents.values())))  # a tree may hold several ("cpu,cpuacct")
+        self.dirs = {controller: os.path.join(parent, f"{self.PREFIX}{os.getpid()}")
+                     for controller, parent in parents.items()}  # controller -> this server's directory in its tree
         self.controllers = {self.TREES[c] for c in self.dirs if self.TREES[c]}
-        self.bases = sorted(set(self.dirs.values()))  # one tree may hold several controllers ("cpu,cpuacct")
 
     def _in(self, directories, controller, name):
         base = self.dirs[controller]
@@ -538,13 +556,6 @@ class CgroupV1(Cgroups):
         return usage
 
 
-class Report:
-    """How a job's init said the job ended, and what the job used."""
-
-    def __init__(self, exit_code=None, sig=0, usage=None):
-        self.exit_code, self.signal, self.usage = exit_code, sig, usage or {}
-
-
 class JobProcess:
     """The server's handle on a running job: the control channel to its init, the init's pidfd, and its cgroup."""
 
@@ -552,6 +563,7 @@ class JobProcess:
         self.channel, self.pidfd, self.pid = channel, pidfd, pid
         self._cgroups, self._group, self._applied = cgroups, group, applied
         self._namespaces, self._mode, self._user = namespaces, mode, user
+        self._lock = threading.Lock()  # a kill must not race the removal of the cgroup it kills through
         self._final_usage = None
 
     def signal(self, sig):
@@ -560,9 +572,15 @@ class JobProcess:
 
     def kill(self):
         """SIGKILL to every process of the job: through the cgroup, then through the init."""
-        if self._group:
-            self._cgroups.kill(self._group)
-        self._tell({"kill": True})
+        with self._lock:
+            if self._final_usage is not None:
+                return  # already over
+            if self._group:
+                try:
+                    self._cgroups.kill(self._group)
+                except OSError as e:
+                    log.warning("cgroup kill of job %s: %s", os.path.basename(self._group[0]), e)
+            self._tell({"kill": True})
 
     def _tell(self, message):
         try:
@@ -580,27 +598,34 @@ class JobProcess:
 
     def finish(self):
         """Called once the init has exited: reads its last report, then removes the job's cgroup."""
-        report = Report(sig=signal.SIGKILL)  # no report: the init itself was killed (cgroup kill, OOM)
+        outcome = Outcome(sig=signal.SIGKILL)  # no report: the init itself was killed (cgroup kill, OOM)
         self.channel.setblocking(False)
         while True:
             try:
-                message = self.channel.recv(4096)
+                message = self.channel.recv(65536)
             except ConnectionResetError:
                 continue  # the init left some of our messages unread; its own are still queued after this
             except BlockingIOError:
                 break
             if not message:
                 break
-            message = json.loads(message)
+            try:
+                message = json.loads(message)
+            except ValueError:
+                continue
             if "exit" in message:
-                report = Report(exit_code=message["exit"])
+                outcome = Outcome(exit_code=message["exit"])
             elif "signal" in message:
-                report = Report(sig=message["signal"])
-        self.channel.close()
-        report.usage = self._final_usage = self.usage()
-        if self._group:
-            self._cgroups.remove(self._group)
-        return report
+                outcome = Outcome(sig=message["signal"])
+        with self._lock:
+            outcome.usage = self._final_usage = self.usage()
+            self.channel.close()
+            if self._group:
+                try:
+                    self._cgroups.remove(self._group)
+                except OSError as e:
+                    log.error("cannot remove the cgroup of job %s: %s", os.path.basename(self._group[0]), e)
+        return outcome
 
     def isolation(self):
         return pb.Isolation(mode=self._mode, cgroup=self._cgroups.version if self._group else "",
@@ -636,74 +661,75 @@ class Launcher:
         self._process.wait()
 
     def spawn(self, job_id, command, limits):
-        """Starts `command` under a new init; returns its JobProcess once the command has been executed."""
+        """Starts `command` under a new init; returns (JobProcess, stdout, stderr) once the command has been executed."""
         sandbox = self.sandbox
-        group, applied = sandbox.cgroups.create(job_id, limits) if sandbox.cgroups else (None, {})
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for fd in (out_r, err_r):
-            try:
-                fcntl_setpipe(fd)
-            except OSError:
-                pass  # a smaller pipe only costs throughput
-        request = {"command": command, "env": sandbox.environment, "cwd": "/",
-                   "uid": sandbox.uid, "gid": sandbox.gid, "namespaces": sandbox.namespace_flags,
-                   "cgroup_procs": sandbox.cgroups.procs_files(group) if group else []}
-        try:
-            body = json.dumps(request).encode()
-            with self._lock:
-                socket.send_fds(self._socket, [self.HEADER.pack(len(body))], [theirs.fileno(), out_w, err_w])
-                self._socket.sendall(body)
-        except OSError as e:
-            raise JobError("UNAVAILABLE", f"the job launcher is not running: {e}") from None
-        finally:
-            for fd in (out_w, err_w):
-                os.close(fd)
-            theirs.close()
-        try:
-            pidfd, init_pid, started = self._handshake(channel, command)
-        except BaseException:
-            for fd in (out_r, err_r):
-                os.close(fd)
-            channel.close()
+        with contextlib.ExitStack() as undo:  # everything a failed start must release, in reverse order
+            group, applied = sandbox.cgroups.create(job_id, limits) if sandbox.cgroups else (None, {})
             if group:
-                sandbox.cgroups.remove(group)
-            raise
-        pid = _child_of(init_pid) or init_pid
-        process = JobProcess(channel, pidfd, pid, sandbox.cgroups, group, applied,
+                undo.callback(sandbox.cgroups.remove, group)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            undo.callback(os.close, out_r)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            undo.callback(os.close, err_r)
+            channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            undo.callback(channel.close)
+            for fd in (out_r, err_r):
+                _enlarge_pipe(fd)
+            request = {"command": command, "env": sandbox.environment, "cwd": "/",
+                       "uid": sandbox.uid, "gid": sandbox.gid, "namespaces": sandbox.namespace_flags,
+                       "cgroup_procs": sandbox.cgroups.procs_files(group) if group else []}
+            try:
+                self._send(request, [theirs.fileno(), out_w, err_w])
+            finally:  # the launcher has its own copies now
+                os.close(out_w)
+                os.close(err_w)
+                theirs.close()
+            pidfd = self._handshake(channel, command)
+            undo.pop_all()
+        init_pid = _pid_of(pidfd)
+        process = JobProcess(channel, pidfd, _child_of(init_pid) or init_pid, sandbox.cgroups, group, applied,
                              sandbox.namespaces, sandbox.mode, sandbox.user)
         return process, out_r, err_r
 
-    def _handshake(self, channel, command):
-        """Reads the launcher's and the init's first words: the init's pidfd, and whether the command started.
+    def _send(self, request, fds):
+        body = json.dumps(request).encode()
+        with self._lock:
+            if self._process.poll() is not None:
+                log.error("the job launcher exited (status %s); starting another", self._process.returncode)
+                self._socket.close()
+                self._start()
+            try:
+                socket.send_fds(self._socket, [self.HEADER.pack(len(body))], fds)
+                self._socket.sendall(body)
+            except OSError as e:
+                raise JobError("UNAVAILABLE", f"the job launcher is not running: {e}") from None
 
-        They come from two processes, in either order. After an error we read on to the end of the channel, so that
-        the pidfd is in hand to wait for the init to be gone before its cgroup is removed.
+    @staticmethod
+    def _handshake(channel, command):
+        """The init's first words: its own pidfd, then whether the command started. Returns the pidfd.
+
+        On failure the init exits at once; we wait for it to be gone, since its cgroup can only be removed then.
         """
-        pidfd = init_pid = started = error = None
+        pidfd = None
         channel.settimeout(30)
         try:
-            while pidfd is None or (started is None and error is None):
-                message, fds, _, _ = socket.recv_fds(channel, 4096, 1)
-                if not message:
-                    break  # both the launcher and the init have closed the channel
-                message = json.loads(message)
-                if fds:
-                    pidfd, init_pid = fds[0], message["init"]
-                elif "error" in message:
-                    error = message
-                else:
-                    started = message["started"]
-        except socket.timeout:
-            error = {"error": errno.ETIMEDOUT, "stage": "launch", "message": "the job's init did not answer"}
-        if started is None:
-            if pidfd is not None:
-                select.select([pidfd], [], [], 10)  # the init exits at once; its cgroup must be empty to go
-                os.close(pidfd)
-            raise _start_error(error or {"error": errno.EIO, "stage": "launch", "message": "no answer"}, command)
-        channel.settimeout(None)
-        return pidfd, init_pid, started
+            message, fds, _, _ = socket.recv_fds(channel, 65536, 1)
+            message = json.loads(message) if message else None
+            if fds:
+                pidfd = fds[0]
+                reply = channel.recv(65536)
+                message = json.loads(reply) if reply else None
+        except (OSError, ValueError) as e:
+            message = {"error": errno.ETIMEDOUT if isinstance(e, socket.timeout) else errno.EIO,
+                       "stage": "launch", "message": f"the job's init did not answer: {e}"}
+        if message and "started" in message:
+            channel.settimeout(None)
+            return pidfd
+        if pidfd is not None:
+            select.select([pidfd], [], [], 10)
+            os.close(pidfd)
+        raise _start_error(message or {"error": errno.EIO, "stage": "launch",
+                                       "message": "the job's init ended before starting the command"}, command)
 
     # -- the launcher process -----------------------------------------------------------------------------------------
 
@@ -722,38 +748,52 @@ class Launcher:
                 os.read(wake_r, 4096)
                 _reap_all()
             if requests in ready:
-                header, fds, _, _ = socket.recv_fds(requests, Launcher.HEADER.size, 3)
-                if not header:
-                    os._exit(0)
-                (size,) = Launcher.HEADER.unpack(header)
-                body = bytearray()
-                while len(body) < size:
-                    body += requests.recv(size - len(body))
-                Launcher._fork_init(json.loads(body), fds, own_pid_ns, [fd, wake_r, wake_w, own_pid_ns])
+                request, fds = Launcher._receive(requests)
+                if request is None:
+                    os._exit(0)  # the server has gone
+                try:
+                    Launcher._fork_init(request, fds, own_pid_ns, [fd, wake_r, wake_w, own_pid_ns])
+                except Exception as e:  # one bad request must not cost the server its launcher
+                    print(f"jobworker launcher: {e!r}", file=sys.stderr)
+                finally:
+                    for received in fds:
+                        os.close(received)
+
+    @staticmethod
+    def _receive(requests):
+        """One request and its descriptors, or (None, []) at the end of the socket."""
+        header, fds, _, _ = socket.recv_fds(requests, Launcher.HEADER.size, 3)
+        body = bytearray()
+        while header and len(header) < Launcher.HEADER.size:
+            more = requests.recv(Launcher.HEADER.size - len(header))
+            header = more and header + more
+        size = Launcher.HEADER.unpack(header)[0] if header else 0
+        while header and len(body) < size:
+            more = requests.recv(size - len(body))
+            header = header if more else b""
+            body += more
+        if not header:
+            for received in fds:
+                os.close(received)
+            return None, []
+        return json.loads(body), fds
 
     @staticmethod
     def _fork_init(request, fds, own_pid_ns, launcher_fds):
-        channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=fds[0])
-        pid_ns = bool(request["namespaces"] & CLONE_NEWPID)
+        channel, stdout, stderr = fds
         try:
-            pid = _fork(own_pid_ns if pid_ns else None)
-            if pid == 0:
+            pid = _fork(own_pid_ns if request["namespaces"] & CLONE_NEWPID else None)
+        except OSError as e:
+            _say(channel, {"error": e.errno, "stage": "launch", "message": str(e)})
+            return
+        if pid == 0:
+            try:
                 for fd in launcher_fds:
                     os.close(fd)
                 signal.set_wakeup_fd(-1)
-                Init(channel, fds[1], fds[2], request).run()
-            # The init is our child until we reap it, so this pidfd cannot name another process.
-            pidfd = os.pidfd_open(pid)
-            try:
-                socket.send_fds(channel, [json.dumps({"init": pid}).encode()], [pidfd])
+                Init(channel, stdout, stderr, request).run()
             finally:
-                os.close(pidfd)
-        except OSError as e:
-            channel.send(json.dumps({"error": e.errno, "stage": "launch", "message": str(e)}).encode())
-        finally:
-            channel.close()
-            os.close(fds[1])
-            os.close(fds[2])
+                os._exit(1)
 
 
 def _fork(own_pid_ns=None):
@@ -770,9 +810,29 @@ def _fork(own_pid_ns=None):
     return pid
 
 
-def fcntl_setpipe(fd, size=1 << 20):
+def _enlarge_pipe(fd, size=1 << 20):
+    """Fewer, larger reads for a job that writes a lot."""
     import fcntl
-    fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+    except OSError:
+        pass  # over the host's pipe limits: a smaller pipe only costs throughput
+
+
+def _say(channel_fd, message):
+    """One message on a job's channel (a SOCK_SEQPACKET socket); a peer that has gone is no error."""
+    try:
+        os.write(channel_fd, json.dumps(message).encode())
+    except OSError:
+        pass
+
+
+def _pid_of(pidfd):
+    """The pid a pidfd refers to, as this process sees it."""
+    for line in _read(f"/proc/self/fdinfo/{pidfd}").splitlines():
+        if line.startswith("Pid:"):
+            return int(line.split()[1])
+    raise OSError(errno.ESRCH, "no pid in the pidfd's fdinfo")
 
 
 def _reap_all():
@@ -816,11 +876,16 @@ class Init:
     FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self, channel, stdout, stderr, request):
-        self.channel, self.stdout, self.stderr, self.request = channel, stdout, stderr, request
+        self.channel = socket.socket(fileno=channel)
+        self.stdout, self.stderr, self.request = stdout, stderr, request
         self.pid_ns = bool(request["namespaces"] & CLONE_NEWPID)
         self.command_pid = None
 
     def run(self):
+        # Our own pidfd comes first, so the server learns who we are before anything else we say.
+        pidfd = os.pidfd_open(os.getpid())
+        socket.send_fds(self.channel, [b'{"init": true}'], [pidfd])
+        os.close(pidfd)
         try:
             status = self._run()
         except BaseException as e:  # an init must never return into the launcher's loop
@@ -830,10 +895,9 @@ class Init:
         os._exit(0)
 
     def _say(self, message):
-        try:
-            self.channel.send(json.dumps(message).encode())
-        except OSError:
-            pass
+        if "message" in message:
+            message["message"] = message["message"][:500]
+        _say(self.channel.fileno(), message)
 
     def _run(self):
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -898,9 +962,11 @@ class Init:
     def _obey(self):
         """A message from the server, or the end of the channel: the server is gone and the job goes with it."""
         try:
-            message = self.channel.recv(4096)
+            message = self.channel.recv(65536)
         except BlockingIOError:
             return None
+        except ConnectionResetError:
+            message = b""
         if not message:
             self._kill_all()
             return {"signal": signal.SIGKILL}
@@ -1062,41 +1128,32 @@ class OutputPump(threading.Thread):
     def __init__(self):
         super().__init__(name="output-pump", daemon=True)
         self._epoll = select.epoll()
-        self._handlers = {}
+        self._watched = {}  # fd -> (job, part, source); source is None for the init's pidfd
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._epoll.register(self._stop_r, select.EPOLLIN)
 
     def watch(self, job, out_r, err_r):
-        for fd, handler in ((out_r, self._output(job, STDOUT, "stdout")), (err_r, self._output(job, STDERR, "stderr")),
-                            (job.process.pidfd, self._init_exit(job))):
-            self._handlers[fd] = handler
+        for fd, part, source in ((out_r, "stdout", STDOUT), (err_r, "stderr", STDERR), (job.process.pidfd, "init", None)):
+            self._watched[fd] = (job, part, source)
             self._epoll.register(fd, select.EPOLLIN)
-
-    def _output(self, job, source, part):
-        def on_ready(fd):
-            data = os.read(fd, self.READ_SIZE)
-            if data:
-                job.log.append(source, data)
-                return True
-            job.part_ended(part)
-            return False
-        return on_ready
-
-    def _init_exit(self, job):
-        def on_ready(fd):
-            job.part_ended("init")
-            return False
-        return on_ready
 
     def run(self):
         while True:
             for fd, _ in self._epoll.poll():
                 if fd == self._stop_r:
                     return
-                if not self._handlers[fd](fd):
-                    self._epoll.unregister(fd)
-                    del self._handlers[fd]
-                    os.close(fd)
+                job, part, source = self._watched[fd]
+                try:
+                    data = os.read(fd, self.READ_SIZE) if source is not None else b""
+                    if data:
+                        job.log.append(source, data)
+                        continue
+                except OSError as e:  # the disk is full, say: the job's writes now fail (EPIPE) and it ends
+                    log.error("job %s: cannot keep its %s: %s", job.id, part, e)
+                self._epoll.unregister(fd)
+                del self._watched[fd]
+                os.close(fd)
+                job.part_ended(part)
 
     def stop(self):
         os.write(self._stop_w, b"x")
@@ -1158,6 +1215,8 @@ class JobManager:
         self._pump.start()
         self._jobs = {}  # id -> Job, oldest first
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._starting = 0
         self._closed = False
 
     def start(self, owner, command, limits):
@@ -1166,21 +1225,27 @@ class JobManager:
         if any("\0" in arg for arg in command):
             raise JobError("INVALID_ARGUMENT", "the command contains a NUL byte, which no argument can hold")
         limits = self.policy.resolve(limits)
-        job_id = str(uuid.uuid4())
-        output_log = OutputLog(os.path.join(self.jobs_dir, job_id))
-        try:
-            with self._lock:
-                if self._closed:
-                    raise JobError("UNAVAILABLE", "the server is shutting down")
-            process, out_r, err_r = self.launcher.spawn(job_id, command, limits)
-        except BaseException:
-            output_log.remove()
-            raise
-        job = Job(job_id, owner, list(command), output_log, process)
         with self._lock:
-            self._jobs[job_id] = job
-        self._pump.watch(job, out_r, err_r)
-        return job
+            if self._closed:
+                raise JobError("UNAVAILABLE", "the server is shutting down")
+            self._starting += 1  # shutdown waits for starts under way, so none escapes it
+        try:
+            job_id = str(uuid.uuid4())
+            output_log = OutputLog(os.path.join(self.jobs_dir, job_id))
+            try:
+                process, out_r, err_r = self.launcher.spawn(job_id, command, limits)
+            except BaseException:
+                output_log.remove()
+                raise
+            job = Job(job_id, owner, list(command), output_log, process)
+            with self._lock:
+                self._jobs[job_id] = job
+            self._pump.watch(job, out_r, err_r)
+            return job
+        finally:
+            with self._lock:
+                self._starting -= 1
+                self._idle.notify_all()
 
     def get(self, job_id):
         return self._jobs.get(job_id)
@@ -1207,6 +1272,8 @@ class JobManager:
         """Stops every running job, waits for them, and releases everything the manager holds."""
         with self._lock:
             self._closed = True
+            while self._starting:
+                self._idle.wait()
         running = [job for job in self.jobs() if not job.ended.is_set()]
         for job in running:
             job.stop_requested = True
@@ -1219,6 +1286,8 @@ class JobManager:
             job.ended.wait()
         self._pump.stop()
         self.launcher.close()
+        if self.sandbox.cgroups:
+            self.sandbox.cgroups.close()
 
 
 def _remove_tree(path):
@@ -1276,9 +1345,9 @@ class Caller:
         return self.scope == EVERY or job.owner == self.identity
 
 
-def _der(data, offset):
-    """One strict DER element at `offset`: (tag, content start, content end)."""
-    if offset + 2 > len(data):
+def _der(data, offset, end):
+    """One strict DER element at `offset`, which must end by `end`: (tag, content start, content end)."""
+    if offset + 2 > end:
         raise ValueError("truncated")
     tag, length = data[offset], data[offset + 1]
     offset += 2
@@ -1286,33 +1355,37 @@ def _der(data, offset):
         raise ValueError("high tag numbers are not used in certificate names")
     if length & 0x80:
         count = length & 0x7F
-        if count == 0 or count > 4 or offset + count > len(data) or data[offset] == 0:
+        if count == 0 or count > 4 or offset + count > end or data[offset] == 0:
             raise ValueError("bad length")
         length = int.from_bytes(data[offset:offset + count], "big")
         if length < 0x80:
             raise ValueError("non-minimal length")
         offset += count
-    if offset + length > len(data):
+    if offset + length > end:
         raise ValueError("truncated")
     return tag, offset, offset + length
 
 
 def _der_children(data, start, end):
     while start < end:
-        tag, content, start = _der(data, start)
+        tag, content, start = _der(data, start, end)
         yield tag, content, start
 
 
 def _oid(body):
-    first = body[0]
-    arcs = [min(first // 40, 2), first - 40 * min(first // 40, 2)]
-    value = 0
-    for byte in body[1:]:
-        value = (value << 7) | (byte & 0x7F)
-        if not byte & 0x80:
+    """The dotted form of a DER OBJECT IDENTIFIER, refusing any non-canonical encoding."""
+    if not body or body[-1] & 0x80:
+        raise ValueError("bad object identifier")
+    arcs, value, fresh = [], 0, True
+    for byte in body:
+        if fresh and byte == 0x80:
+            raise ValueError("non-minimal object identifier")
+        value, fresh = (value << 7) | (byte & 0x7F), not byte & 0x80
+        if fresh:
             arcs.append(value)
             value = 0
-    return ".".join(map(str, arcs))
+    first = min(arcs[0] // 40, 2)
+    return ".".join(map(str, [first, arcs[0] - 40 * first] + arcs[1:]))
 
 
 STRING_TYPES = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii", 0x1E: "utf-16-be", 0x1C: "utf-32-be"}
@@ -1324,8 +1397,12 @@ def subject_attributes(der):
     Reading the structure, rather than the RFC 2253 string gRPC also offers, means no escaped comma, plus sign or
     equals sign in any value can pass for an attribute it is not. Any string type we cannot decode is refused.
     """
-    tag, start, end = _der(der, 0)                         # Certificate
-    tag, start, end = _der(der, start)                     # TBSCertificate
+    tag, start, end = _der(der, 0, len(der))               # Certificate
+    if tag != 0x30 or end != len(der):
+        raise ValueError("not a certificate")
+    tag, start, end = _der(der, start, end)                # TBSCertificate
+    if tag != 0x30:
+        raise ValueError("not a certificate")
     fields = list(_der_children(der, start, end))
     if fields and fields[0][0] == 0xA0:                    # [0] version
         fields = fields[1:]
