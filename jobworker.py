@@ -1558,7 +1558,7 @@ class Servicer:
 
     def Stream(self, request, context, caller):
         job = self._visible(request.job_id, caller)
-        if request.offset > job.log.size:
+        if request.offset > job.log.size and job.ended.is_set():  # a running job may still get there
             raise JobError("OUT_OF_RANGE", f"offset {request.offset} is past the {job.log.size} bytes of output")
         reader = LogReader(job.log, request.offset)
         context.add_callback(reader.cancel)  # a client that goes away wakes and ends its reader
