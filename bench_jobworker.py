@@ -8,12 +8,15 @@ every ratio to its baseline and every target's outcome, so that runs can be comp
     baselines  raw pipe throughput (head -c N /dev/zero | cat > /dev/null); local spawn latency of /bin/true from
                Python's subprocess; the framework ceiling: a bare gRPC server-streaming RPC over the same mutual TLS,
                sending the same bytes in the same messages, in a process of its own
-    start      Start round trip on a warm channel, isolation on and off; Start-to-exit (Start, then the stream's end)
-    stream     one client receiving a job's output (head -c N /dev/zero) through the API, and through the CLI
+    start      Start round trip on a warm channel, isolation on and off, back to back and (for a client that is not
+               in a loop) after 50 ms idle; Start-to-exit (Start, then the stream's end)
+    stream     one client receiving a job's output (head -c N /dev/zero) through the API while the job runs, and
+               through the CLI into /dev/null; also, to tell the causes apart, the same job's output streamed again
+               once it has ended, and how fast the server took the output in (the job's run time)
     fan-out    many clients streaming one job at once; every client's bytes checked; server memory growth at two
                output sizes
-    scale      many `sleep 60` jobs running at once: time to start them, the server's memory, and each job's PSS
-               (its init and its command)
+    scale      many `sleep 60` jobs running at once, on a fresh server: time to start them, the server's memory,
+               and each job's PSS (its init and its command); then Stop (force) them all
 
 Machines here are noisy: repetitions are interleaved (e.g. pipe, ceiling, API, CLI, then again) and medians are
 reported. Every server's peak memory (VmHWM, reset at the start of each phase) and peak thread count are recorded per
@@ -302,7 +305,8 @@ def make_certs(directory):
         return os.path.join(directory, name)
 
     def key(name):
-        run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", path(name + ".key")])
+        run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-out", path(name + ".key")])
         os.chmod(path(name + ".key"), 0o600)
 
     def sign(name, subject, extensions):
@@ -1102,7 +1106,8 @@ def print_table(r, checks, monitor):
             f"{fmt(r.get(f'start_p99_{kind}_vs_spawn'), '.1f')} x spawn", spec=".2f")
     for kind in ("plain", "isolated"):
         row(f"Start `true` after {PACE * 1000:.0f} ms idle, isolation {'off' if kind == 'plain' else 'on'}, p50",
-            r.get(f"start_paced_p50_ms_{kind}"), "ms", f"{fmt(r.get(f'start_paced_p50_{kind}_vs_spawn'), '.1f')} x spawn",
+            r.get(f"start_paced_p50_ms_{kind}"), "ms",
+            f"{fmt(r.get(f'start_paced_p50_{kind}_vs_spawn'), '.1f')} x spawn",
             spec=".2f")
         row(f"Start `true` after {PACE * 1000:.0f} ms idle, isolation {'off' if kind == 'plain' else 'on'}, p99",
             r.get(f"start_paced_p99_ms_{kind}"), "ms", spec=".2f")

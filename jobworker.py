@@ -737,6 +737,7 @@ class Launcher:
     def serve(fd):
         """The launcher's main loop: fork an init for every request until the server goes away."""
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the server
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the server blocks its shutdown signals; jobs must not
         requests = socket.socket(fileno=fd)
         own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -1529,8 +1530,9 @@ def _job_id(text):
 class Servicer:
     """The JobWorker RPCs. Each receives the Caller that Guard has authorized."""
 
-    def __init__(self, manager):
+    def __init__(self, manager, stream_slots):
         self.manager = manager
+        self.stream_slots = stream_slots
 
     def _visible(self, job_id, caller):
         job = self.manager.get(_job_id(job_id))
@@ -1560,8 +1562,14 @@ class Servicer:
         job = self._visible(request.job_id, caller)
         if request.offset > job.log.size and job.ended.is_set():  # a running job may still get there
             raise JobError("OUT_OF_RANGE", f"offset {request.offset} is past the {job.log.size} bytes of output")
+        self.stream_slots.take(caller.identity)
         reader = LogReader(job.log, request.offset)
-        context.add_callback(reader.cancel)  # a client that goes away wakes and ends its reader
+
+        def ended():  # however the call ends; a client that has gone away wakes and ends its reader
+            reader.cancel()
+            self.stream_slots.give_back(caller.identity)
+        if not context.add_callback(ended):
+            ended()
         return self._stream(job, reader)
 
     @staticmethod
@@ -1633,18 +1641,105 @@ def _peer_caller(context):
     return Caller(names[0].decode(errors="replace"), None) if names else None
 
 
+class ElasticExecutor:
+    """The server's thread pool: a thread per call in flight, up to `workers`; a thread idle for `idle` seconds exits.
+
+    gRPC's sync server runs each call on a pool thread, and a stream holds its thread for as long as it lasts. The
+    standard ThreadPoolExecutor never lets a thread go, so one burst of streams would leave its threads for good.
+    """
+
+    def __init__(self, workers, idle=5.0):
+        import queue
+        self._queue, self._empty = queue.SimpleQueue(), queue.Empty
+        self._workers, self._idle_timeout = workers, idle
+        self._lock = threading.Lock()
+        self._threads = self._idle = self._pending = 0
+        self._closed = False
+
+    def submit(self, fn, *args, **kwargs):
+        from concurrent.futures import Future
+        future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the executor is shut down")
+            self._queue.put((future, fn, args, kwargs))
+            self._pending += 1
+            if self._pending > self._idle and self._threads < self._workers:
+                self._threads += 1
+                self._idle += 1
+                threading.Thread(target=self._work, name="rpc", daemon=True).start()
+        return future
+
+    def _work(self):
+        while True:
+            try:
+                item = self._queue.get(timeout=self._idle_timeout)
+            except self._empty:
+                with self._lock:
+                    if self._pending == 0:  # under the lock, so a call submitted now starts another thread
+                        self._threads -= 1
+                        self._idle -= 1
+                        return
+                continue
+            with self._lock:
+                self._pending -= 1
+                self._idle -= 1
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:
+                    future.set_exception(e)
+            del item, future, fn, args, kwargs
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        with self._lock:
+            self._closed = True
+            for _ in range(self._threads):
+                self._queue.put(None)
+                self._pending += 1
+
+
+class StreamSlots:
+    """A cap on streams in flight, in all and per caller, so that streams cannot take the threads other calls need."""
+
+    def __init__(self, total, per_caller):
+        self.total, self.per_caller = total, per_caller
+        self._open = {}
+        self._lock = threading.Lock()
+
+    def take(self, identity):
+        with self._lock:
+            if sum(self._open.values()) >= self.total or self._open.get(identity, 0) >= self.per_caller:
+                raise JobError("RESOURCE_EXHAUSTED", "too many streams open; close some and try again")
+            self._open[identity] = self._open.get(identity, 0) + 1
+
+    def give_back(self, identity):
+        with self._lock:
+            self._open[identity] -= 1
+            if not self._open[identity]:
+                del self._open[identity]
+
+
 class Server:
     """The gRPC server: mutual TLS on one address, the Guard in front of the Servicer, the JobManager behind it."""
 
-    def __init__(self, addr, cert, key, ca, data_dir, sandbox, policy, workers=256):
-        from concurrent import futures
+    WORKERS = 1024
+    RESERVED = 64  # threads streams may not take, for the other calls
+
+    def __init__(self, addr, cert, key, ca, data_dir, sandbox, policy):
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         self.manager = JobManager(data_dir, sandbox, policy)
         self.audit = Audit(os.path.join(data_dir, "audit.log"))
         options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0)]
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-                                 options=options, maximum_concurrent_rpcs=workers)
-        self._grpc.add_generic_rpc_handlers((Guard(Servicer(self.manager), self.audit).handler(),))
+        self._grpc = grpc.server(ElasticExecutor(self.WORKERS), options=options, maximum_concurrent_rpcs=self.WORKERS)
+        streams = self.WORKERS - self.RESERVED
+        servicer = Servicer(self.manager, StreamSlots(streams, streams // 2))
+        self._grpc.add_generic_rpc_handlers((Guard(servicer, self.audit).handler(),))
         try:
             self.port = self._grpc.add_secure_port(addr, server_credentials(cert, key, ca))
         except RuntimeError as e:
@@ -1835,17 +1930,20 @@ def serve(args):
         raise SystemExit(f"jobworker: the data directory {args.data_dir} is not writable: {e.strerror}") from None
     sandbox = Sandbox(args.isolation, args.run_as, args.cgroup, args.io_device, args.data_dir)
     policy = LimitPolicy(dict(args.defaults), dict(args.maxima), sandbox.controllers)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    # Blocked before any thread starts, so every thread inherits the mask and only sigwait() below takes them: a
+    # Python handler would run only when the main thread next runs bytecode, and it may be blocked on a lock.
+    signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
     server = Server(args.addr, args.cert, args.key, args.ca, args.data_dir, sandbox, policy)
-    log.info("serving on %s (data in %s)", args.addr if server.port else args.addr, args.data_dir)
+    log.info("serving on %s (data in %s)", args.addr, args.data_dir)
     print(f"listening on port {server.port}", flush=True)
-    stop.wait()
-    log.info("shutting down: stopping every job")
+    sig = signal.sigwait(SHUTDOWN_SIGNALS)
+    log.info("%s: stopping every job", signal.Signals(sig).name)
     server.shutdown()
     log.info("stopped")
     return 0
+
+
+SHUTDOWN_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _raise_fd_limit():

@@ -149,7 +149,11 @@ class Server:
             client.close()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=60)
+        try:
+            code = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            subprocess.run([os.path.join(os.path.dirname(sys.executable), "py-spy"), "dump", "--pid", str(self.proc.pid)])
+            raise
         self.proc.stdout.close()
         self.log.close()
         return code
@@ -532,8 +536,9 @@ def expect_refused(server, cert_and_key, ca=None, codes=(grpc.StatusCode.UNAVAIL
     cert, key = cert_and_key
     client = jobworker.Client(server.addr, cert, key, ca or server.pki._path("ca", "pem"))
     try:
+        stream = lambda: next(client.stub.Stream(pb.StreamRequest(job_id=str(uuid.uuid4()))))  # no reconnecting
         for call in (client.list, lambda: client.query(str(uuid.uuid4())), lambda: client.start(["true"]),
-                     lambda: client.stop(str(uuid.uuid4())), lambda: collect(client, str(uuid.uuid4()))):
+                     lambda: client.stop(str(uuid.uuid4())), stream):
             assert code_of(call) in codes
     finally:
         client.close()
