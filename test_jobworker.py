@@ -977,9 +977,10 @@ def test_a_double_forked_daemon_is_gone_after_stop(admin):
 def test_zombies_are_reaped_and_the_exit_status_is_the_commands_own(admin):
     code = ("import os, time\nr, w = os.pipe()\nif os.fork() == 0:\n    if os.fork() == 0:\n"
             "        os.close(r); os._exit(0)\n    os._exit(0)\nos.close(w); os.read(r, 1); os.wait()\n"
-            "deadline = time.time() + 10\nwhile time.time() < deadline:\n"
-            "    states = [open(f'/proc/{p}/stat').read().split()[2] for p in os.listdir('/proc') if p.isdigit()]\n"
-            "    if 'Z' not in states: break\nprint('zombies', states.count('Z'))\nraise SystemExit(42)")
+            "def states():\n    for p in filter(str.isdigit, os.listdir('/proc')):\n        try:\n"
+            "            yield open(f'/proc/{p}/stat').read().split()[2]\n        except OSError:\n            pass\n"
+            "deadline = time.time() + 10\nwhile time.time() < deadline and 'Z' in states():\n    time.sleep(0.01)\n"
+            "print('zombies', list(states()).count('Z'))\nraise SystemExit(42)")
     out, err, status = run_job(admin, py(code))
     assert out == b"zombies 0\n", err
     assert status.exit_code == 42
