@@ -14,9 +14,11 @@ job manager, security, the gRPC servicer, the client, and the command line.
 """
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import errno
+import gc
 import importlib
 import json
 import logging
@@ -380,16 +382,24 @@ class Cgroups:
             return CgroupV1(v1, io_device)
         return None
 
-    def create(self, name, limits):
-        """Makes the job's group with `limits` applied; returns (directories, the limits applied)."""
-        directories = [os.path.join(base, name) for base in self.bases]
-        for directory in directories:
-            os.mkdir(directory)
+    def create(self, name):
+        """Makes a group; returns its directories."""
+        directories = []
         try:
-            return directories, self._apply(directories, limits)
+            for base in self.bases:
+                directories.append(os.path.join(base, name))
+                os.mkdir(directories[-1])
         except OSError:
             self.remove(directories)
             raise
+        return directories
+
+    def apply(self, directories, limits):
+        """Applies `limits` to a group; returns the limits applied."""
+        try:
+            return self._apply(directories, limits)
+        except OSError as e:
+            raise JobError("INTERNAL", f"cannot apply the job's limits: {e}") from None
 
     def procs_files(self, directories):
         return [os.path.join(directory, "cgroup.procs") for directory in directories]
@@ -632,64 +642,172 @@ class JobProcess:
                             namespaces=self._namespaces, limits=pb.Limits(**self._applied), user=self._user)
 
 
+class InitSlot:
+    """An init made ahead of its job: in a cgroup and namespaces of its own, waiting on its channel for a command."""
+
+    def __init__(self, channel, pidfd, group):
+        self.channel, self.pidfd, self.group = channel, pidfd, group
+
+
 class Launcher:
-    """Starts every job's init, through a small single-threaded process of its own (a zygote).
+    """Starts every job's init, through a small single-threaded process of its own (a zygote), ahead of time.
 
     The server is multi-threaded, and forking it to run Python code in the child is unsafe; spawning a fresh
     interpreter per job costs tens of milliseconds. So one bare interpreter loads this file at start-up and forks each
-    init from itself on request: a fork of a small process is fast, and every init shares its pages. Requests go over
-    a Unix socket with the job's file descriptors attached; everything the init has to say goes straight to the server
-    on the job's own channel.
+    init from itself on request, and each init, once in its cgroup and namespaces, waits for a command. A few of them
+    are kept ready (`POOL`), so that a Start pays for none of that (a fork, namespaces, a cgroup migration: a few
+    milliseconds), only for the command's own exec. Requests go to the launcher over a Unix socket with the init's
+    channel attached; the init talks to the server directly on that channel.
     """
 
     BOOT = ("import importlib.util as u, sys; s = u.spec_from_file_location('jobworker_launcher', sys.argv[1]); "
             "m = u.module_from_spec(s); s.loader.exec_module(m); m.Launcher.serve(int(sys.argv[2]))")
     HEADER = struct.Struct("<I")
+    POOL = 4
 
     def __init__(self, sandbox):
         self.sandbox = sandbox
+        self._lock = threading.Lock()  # for the launcher's socket
+        self._start_launcher()
+        self._ready = collections.deque()
+        self._failure = None  # why the last init could not be made, for the Start waiting for one
+        self._changed = threading.Condition()
+        self._closed = False
+        self._filler = threading.Thread(target=self._fill, name="init-pool", daemon=True)
+        self._filler.start()
+
+    def _start_launcher(self):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._socket = ours
-        self._lock = threading.Lock()
         self._process = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", self.BOOT, os.path.abspath(__file__), str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env={"LANG": "C.UTF-8"})  # none of our secrets
         theirs.close()
 
     def close(self):
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._filler.join()
+        while self._ready:
+            self._discard(self._ready.popleft())
         self._socket.close()  # the launcher exits when it sees the end of its socket
         self._process.wait()
 
-    def spawn(self, job_id, command, limits):
-        """Starts `command` under a new init; returns (JobProcess, stdout, stderr) once the command has been executed."""
+    def spawn(self, command, limits):
+        """Starts `command` in a ready init; returns (JobProcess, stdout, stderr) once the command has been executed."""
         sandbox = self.sandbox
+        slot = self._take()
         with contextlib.ExitStack() as undo:  # everything a failed start must release, in reverse order
-            group, applied = sandbox.cgroups.create(job_id, limits) if sandbox.cgroups else (None, {})
-            if group:
-                undo.callback(sandbox.cgroups.remove, group)
+            undo.callback(self._discard, slot)
+            applied = sandbox.cgroups.apply(slot.group, limits) if slot.group else {}
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             undo.callback(os.close, out_r)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
             undo.callback(os.close, err_r)
-            channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            undo.callback(channel.close)
             for fd in (out_r, err_r):
                 _enlarge_pipe(fd)
-            request = {"command": command, "env": sandbox.environment, "cwd": "/",
-                       "uid": sandbox.uid, "gid": sandbox.gid, "namespaces": sandbox.namespace_flags,
-                       "cgroup_procs": sandbox.cgroups.procs_files(group) if group else []}
+            job = {"command": command, "env": sandbox.environment, "cwd": "/", "uid": sandbox.uid, "gid": sandbox.gid}
+            spec = os.memfd_create("job", os.MFD_CLOEXEC)  # a command line of any size, in one message
             try:
-                self._send(request, [theirs.fileno(), out_w, err_w])
-            finally:  # the launcher has its own copies now
-                os.close(out_w)
-                os.close(err_w)
-                theirs.close()
-            pidfd = self._handshake(channel, command)
+                _write_all(spec, json.dumps(job).encode())
+                socket.send_fds(slot.channel, [b'{"job": true}'], [spec, out_w, err_w])
+            except OSError as e:
+                raise JobError("INTERNAL", f"the job's init has gone: {e}") from None
+            finally:  # the init has its own copies now
+                for fd in (spec, out_w, err_w):
+                    os.close(fd)
+            self._expect(slot, "started", command)
             undo.pop_all()
-        init_pid = _pid_of(pidfd)
-        process = JobProcess(channel, pidfd, _child_of(init_pid) or init_pid, sandbox.cgroups, group, applied,
-                             sandbox.namespaces, sandbox.mode, sandbox.user)
+        init_pid = _pid_of(slot.pidfd)
+        process = JobProcess(slot.channel, slot.pidfd, _child_of(init_pid) or init_pid, sandbox.cgroups, slot.group,
+                             applied, sandbox.namespaces, sandbox.mode, sandbox.user)
         return process, out_r, err_r
+
+    def _take(self):
+        """A ready init, waiting for one to be made if none is."""
+        with self._changed:
+            self._failure = None
+            self._changed.notify_all()  # the filler makes the next one now
+            while not self._ready:
+                if self._closed:
+                    raise JobError("UNAVAILABLE", "the server is shutting down")
+                if self._failure:
+                    raise self._failure
+                self._changed.wait()
+            return self._ready.popleft()
+
+    def _fill(self):
+        """The pool's own thread: keeps POOL inits ready."""
+        while True:
+            with self._changed:
+                while not self._closed and (len(self._ready) >= self.POOL or self._failure):
+                    self._changed.wait()
+                if self._closed:
+                    return
+            try:
+                slot = self._make()
+            except JobError as e:  # reported to the Start that waits; tried again at the next Start
+                log.error("cannot prepare a job's init: %s", e)
+                with self._changed:
+                    self._failure = e
+                    self._changed.notify_all()
+                continue
+            with self._changed:
+                self._ready.append(slot)
+                self._changed.notify_all()
+
+    def _make(self):
+        """Has the launcher fork an init into a new cgroup and namespaces; returns it once it is ready."""
+        sandbox = self.sandbox
+        slot = InitSlot(None, None, None)
+        with contextlib.ExitStack() as undo:
+            undo.callback(self._discard, slot)
+            slot.group = sandbox.cgroups.create("init-" + uuid.uuid4().hex) if sandbox.cgroups else None
+            slot.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            request = {"namespaces": sandbox.namespace_flags,
+                       "cgroup_procs": sandbox.cgroups.procs_files(slot.group) if slot.group else []}
+            try:
+                self._send(request, [theirs.fileno()])
+            finally:
+                theirs.close()  # the launcher has its own copy now
+            slot.channel.settimeout(30)
+            try:  # the init's first words: its own pidfd, then that it is ready (or why not)
+                message, fds, _, _ = socket.recv_fds(slot.channel, 65536, 1)
+            except OSError as e:
+                raise JobError("INTERNAL", f"the job's init did not answer: {e}") from None
+            if not fds:
+                raise _start_error(json.loads(message) if message else {}, None)
+            slot.pidfd = fds[0]
+            self._expect(slot, "ready", None)
+            undo.pop_all()
+        return slot
+
+    @staticmethod
+    def _expect(slot, word, command):
+        """Reads the init's next message; anything but `word` is an error (after which the init exits)."""
+        try:
+            reply = slot.channel.recv(65536)
+            message = json.loads(reply) if reply else {}
+        except (OSError, ValueError) as e:
+            message = {"error": errno.EIO, "stage": "launch", "message": f"the job's init did not answer: {e}"}
+        if word not in message:
+            raise _start_error(message, command)
+        slot.channel.settimeout(None)
+
+    def _discard(self, slot):
+        """Releases an init that will run no job: it exits when its channel closes; then its cgroup can go."""
+        if slot.channel is not None:
+            slot.channel.close()
+        if slot.pidfd is not None:
+            select.select([slot.pidfd], [], [], 10)
+            os.close(slot.pidfd)
+            slot.pidfd = None
+        if slot.group:
+            try:
+                self.sandbox.cgroups.remove(slot.group)
+            except OSError as e:
+                log.error("cannot remove the cgroup %s: %s", slot.group[0], e)
 
     def _send(self, request, fds):
         body = json.dumps(request).encode()
@@ -697,39 +815,12 @@ class Launcher:
             if self._process.poll() is not None:
                 log.error("the job launcher exited (status %s); starting another", self._process.returncode)
                 self._socket.close()
-                self._start()
+                self._start_launcher()
             try:
                 socket.send_fds(self._socket, [self.HEADER.pack(len(body))], fds)
                 self._socket.sendall(body)
             except OSError as e:
                 raise JobError("UNAVAILABLE", f"the job launcher is not running: {e}") from None
-
-    @staticmethod
-    def _handshake(channel, command):
-        """The init's first words: its own pidfd, then whether the command started. Returns the pidfd.
-
-        On failure the init exits at once; we wait for it to be gone, since its cgroup can only be removed then.
-        """
-        pidfd = None
-        channel.settimeout(30)
-        try:
-            message, fds, _, _ = socket.recv_fds(channel, 65536, 1)
-            message = json.loads(message) if message else None
-            if fds:
-                pidfd = fds[0]
-                reply = channel.recv(65536)
-                message = json.loads(reply) if reply else None
-        except (OSError, ValueError) as e:
-            message = {"error": errno.ETIMEDOUT if isinstance(e, socket.timeout) else errno.EIO,
-                       "stage": "launch", "message": f"the job's init did not answer: {e}"}
-        if message and "started" in message:
-            channel.settimeout(None)
-            return pidfd
-        if pidfd is not None:
-            select.select([pidfd], [], [], 10)
-            os.close(pidfd)
-        raise _start_error(message or {"error": errno.EIO, "stage": "launch",
-                                       "message": "the job's init ended before starting the command"}, command)
 
     # -- the launcher process -----------------------------------------------------------------------------------------
 
@@ -738,6 +829,10 @@ class Launcher:
         """The launcher's main loop: fork an init for every request until the server goes away."""
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the server
         signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the server blocks its shutdown signals; jobs must not
+        # Every init is a fork of this process: the collector would touch (and so copy) every object in each of
+        # them, and nothing here makes cycles worth collecting.
+        gc.disable()
+        gc.freeze()
         requests = socket.socket(fileno=fd)
         own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -781,7 +876,7 @@ class Launcher:
 
     @staticmethod
     def _fork_init(request, fds, own_pid_ns, launcher_fds):
-        channel, stdout, stderr = fds
+        (channel,) = fds
         try:
             pid = _fork(own_pid_ns if request["namespaces"] & CLONE_NEWPID else None)
         except OSError as e:
@@ -792,7 +887,7 @@ class Launcher:
                 for fd in launcher_fds:
                     os.close(fd)
                 signal.set_wakeup_fd(-1)
-                Init(channel, stdout, stderr, request).run()
+                Init(channel, request).run()
             finally:
                 os._exit(1)
 
@@ -867,18 +962,19 @@ def _start_error(message, command):
 class Init:
     """The first process of every job: pid 1 of its PID namespace, between the server and the command.
 
-    It places itself in the job's cgroup, enters the job's mount and network namespaces, mounts the job's own /proc,
-    brings loopback up, and starts the command as the job's user. Then it does what the kernel expects of an init
-    and what the server needs of a job: it reaps every zombie, passes stop signals on to every process of the job,
-    and once the command exits it ends whatever the command left running, reports the command's own status, and
-    exits. If the server goes away (its end of the channel closes), the init ends the job with it.
+    Made ahead of its job, it places itself in the job's cgroup, enters the job's mount and network namespaces, mounts
+    the job's own /proc, brings loopback up, and says it is ready. Given a job, it becomes the job's user and starts
+    the command. Then it does what the kernel expects of an init and what the server needs of a job: it reaps every
+    zombie, passes stop signals on to every process of the job, and once the command exits it ends whatever the
+    command left running, reports the command's own status, and exits. If the server goes away (its end of the
+    channel closes), the init ends the job with it.
     """
 
     FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
-    def __init__(self, channel, stdout, stderr, request):
+    def __init__(self, channel, request):
         self.channel = socket.socket(fileno=channel)
-        self.stdout, self.stderr, self.request = stdout, stderr, request
+        self.request = request
         self.pid_ns = bool(request["namespaces"] & CLONE_NEWPID)
         self.command_pid = None
 
@@ -892,7 +988,8 @@ class Init:
         except BaseException as e:  # an init must never return into the launcher's loop
             self._say({"error": getattr(e, "errno", None) or errno.EIO, "stage": "init", "message": repr(e)})
             status = {"signal": signal.SIGKILL}
-        self._say(status)
+        if status:
+            self._say(status)
         os._exit(0)
 
     def _say(self, message):
@@ -901,12 +998,18 @@ class Init:
         _say(self.channel.fileno(), message)
 
     def _run(self):
-        wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        for sig in self.FORWARDED + (signal.SIGCHLD,):
-            signal.signal(sig, lambda *_: None)  # the signal's number arrives on wake_r
-        if not self._setup():
-            return {"signal": signal.SIGKILL}
+        if not self._prepare():
+            return None
+        self._say({"ready": True})
+        message, fds, _, _ = socket.recv_fds(self.channel, 4096, 3)
+        if len(fds) != 3:
+            return None  # the server no longer needs us (shutdown)
+        spec, stdout, stderr = fds
+        job = json.loads(os.pread(spec, os.fstat(spec).st_size, 0))
+        os.close(spec)
+        if not self._start(job, stdout, stderr):
+            return None
+        wake_r = self.wake_r
         self.channel.setblocking(False)
         status = None
         while status is None:
@@ -922,10 +1025,18 @@ class Init:
         self._end_everything()
         return status
 
-    def _setup(self):
-        """Everything up to the command's exec; reports the outcome to the server."""
+    def _prepare(self):
+        """Everything that does not depend on the job: its cgroup, its namespaces, our signals and descriptors."""
         request = self.request
         stage = "cgroup"
+        self.wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in self.FORWARDED + (signal.SIGCHLD,):
+            signal.signal(sig, lambda *_: None)  # the signal's number arrives on wake_r
+        for fd in map(int, os.listdir("/proc/self/fd")):
+            if fd > 2:  # so that the command inherits nothing of ours (posix_spawn has no close_fds)
+                with contextlib.suppress(OSError):
+                    os.set_inheritable(fd, False)
         try:
             for procs in request["cgroup_procs"]:
                 _write(procs, "0")  # before anything of the job runs, so nothing it forks is ever outside
@@ -941,23 +1052,36 @@ class Init:
                 _loopback_up()
             if not self.pid_ns:
                 prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come to us, not to the host's init
+        except OSError as e:
+            self._say({"error": e.errno, "stage": stage, "message": str(e)})
+            return False
+        return True
+
+    def _start(self, job, stdout, stderr):
+        """Becomes the job's user and executes the command; reports the outcome to the server."""
+        stage = "user"
+        try:
+            if job["uid"] != os.geteuid():
+                os.setgroups([])  # nothing of the job runs as root from here on, the init included
+                os.setgid(job["gid"])
+                os.setuid(job["uid"])
             stage = "exec"
-            user = request["uid"] is not None and request["uid"] != os.geteuid()
-            process = subprocess.Popen(
-                request["command"], stdin=subprocess.DEVNULL, stdout=self.stdout, stderr=self.stderr,
-                env=request["env"], cwd=request["cwd"], start_new_session=True, close_fds=True,
-                user=request["uid"] if user else None, group=request["gid"] if user else None,
-                extra_groups=[] if user else None)
-        except (OSError, ValueError, subprocess.SubprocessError) as e:
-            code = getattr(e, "errno", None) or (errno.E2BIG if "too long" in str(e) else errno.EINVAL)
+            os.chdir(job["cwd"])
+            os.environ["PATH"] = job["env"]["PATH"]  # where posix_spawnp looks for the command
+            # posix_spawn (a vfork and an exec, in C) is several times quicker than Popen in a freshly forked init.
+            self.command_pid = os.posix_spawnp(
+                job["command"][0], job["command"], job["env"], setsid=True, setsigmask=(),
+                setsigdef=self.FORWARDED + (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ),
+                file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                              (os.POSIX_SPAWN_DUP2, stdout, 1), (os.POSIX_SPAWN_DUP2, stderr, 2)])
+        except (OSError, ValueError) as e:
+            code = getattr(e, "errno", None) or errno.EINVAL
             self._say({"error": code, "stage": stage, "message": str(e)})
             return False
         finally:
-            os.close(self.stdout)
-            os.close(self.stderr)
-        self.command_pid = process.pid
-        process.returncode = 0  # we reap it ourselves; keep Popen's destructor from trying to
-        self._say({"started": process.pid})
+            os.close(stdout)
+            os.close(stderr)
+        self._say({"started": self.command_pid})
         return True
 
     def _obey(self):
@@ -1234,7 +1358,7 @@ class JobManager:
             job_id = str(uuid.uuid4())
             output_log = OutputLog(os.path.join(self.jobs_dir, job_id))
             try:
-                process, out_r, err_r = self.launcher.spawn(job_id, command, limits)
+                process, out_r, err_r = self.launcher.spawn(command, limits)
             except BaseException:
                 output_log.remove()
                 raise
