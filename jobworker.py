@@ -699,6 +699,7 @@ class Launcher:
         sandbox = self.sandbox
         slot = self._take()
         with contextlib.ExitStack() as undo:  # everything a failed start must release, in reverse order
+            undo.callback(self._refill)
             undo.callback(self._discard, slot)
             applied = sandbox.cgroups.apply(slot.group, limits) if slot.group else {}
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -719,6 +720,7 @@ class Launcher:
                     os.close(fd)
             self._expect(slot, "started", command)
             undo.pop_all()
+        self._refill()
         init_pid = _pid_of(slot.pidfd)
         process = JobProcess(slot.channel, slot.pidfd, _child_of(init_pid) or init_pid, sandbox.cgroups, slot.group,
                              applied, sandbox.namespaces, sandbox.mode, sandbox.user)
@@ -727,8 +729,10 @@ class Launcher:
     def _take(self):
         """A ready init, waiting for one to be made if none is."""
         with self._changed:
+            if self._ready:
+                return self._ready.popleft()  # the filler replaces it once this Start is done (_refill)
             self._failure = None
-            self._changed.notify_all()  # the filler makes the next one now
+            self._changed.notify_all()
             while not self._ready:
                 if self._closed:
                     raise JobError("UNAVAILABLE", "the server is shutting down")
@@ -736,6 +740,12 @@ class Launcher:
                     raise self._failure
                 self._changed.wait()
             return self._ready.popleft()
+
+    def _refill(self):
+        """Wakes the filler: after the Start, not during it, since both need the CPU (and the GIL)."""
+        with self._changed:
+            self._failure = None
+            self._changed.notify_all()
 
     def _fill(self):
         """The pool's own thread: keeps POOL inits ready."""
