@@ -643,10 +643,12 @@ class JobProcess:
 
 
 class InitSlot:
-    """An init made ahead of its job: in a cgroup and namespaces of its own, waiting on its channel for a command."""
+    """Everything a job needs before its command, made ahead of time: its id, its (empty) output log, and its init,
+    in a cgroup (named for the id) and namespaces of its own, waiting on its channel for a command."""
 
-    def __init__(self, channel, pidfd, group):
-        self.channel, self.pidfd, self.group = channel, pidfd, group
+    def __init__(self):
+        self.id = str(uuid.uuid4())
+        self.log = self.channel = self.pidfd = self.group = None
 
 
 class Launcher:
@@ -665,8 +667,9 @@ class Launcher:
     HEADER = struct.Struct("<I")
     POOL = 4
 
-    def __init__(self, sandbox):
+    def __init__(self, sandbox, logs_dir):
         self.sandbox = sandbox
+        self.logs_dir = logs_dir
         self._lock = threading.Lock()  # for the launcher's socket
         self._start_launcher()
         self._ready = collections.deque()
@@ -695,7 +698,7 @@ class Launcher:
         self._process.wait()
 
     def spawn(self, command, limits):
-        """Starts `command` in a ready init; returns (JobProcess, stdout, stderr) once the command has been executed."""
+        """Starts `command` in a ready init, once it has been executed: returns (slot, JobProcess, stdout, stderr)."""
         sandbox = self.sandbox
         slot = self._take()
         with contextlib.ExitStack() as undo:  # everything a failed start must release, in reverse order
@@ -724,7 +727,7 @@ class Launcher:
         init_pid = _pid_of(slot.pidfd)
         process = JobProcess(slot.channel, slot.pidfd, _child_of(init_pid) or init_pid, sandbox.cgroups, slot.group,
                              applied, sandbox.namespaces, sandbox.mode, sandbox.user)
-        return process, out_r, err_r
+        return slot, process, out_r, err_r
 
     def _take(self):
         """A ready init, waiting for one to be made if none is."""
@@ -770,10 +773,11 @@ class Launcher:
     def _make(self):
         """Has the launcher fork an init into a new cgroup and namespaces; returns it once it is ready."""
         sandbox = self.sandbox
-        slot = InitSlot(None, None, None)
+        slot = InitSlot()
         with contextlib.ExitStack() as undo:
             undo.callback(self._discard, slot)
-            slot.group = sandbox.cgroups.create("init-" + uuid.uuid4().hex) if sandbox.cgroups else None
+            slot.log = OutputLog(os.path.join(self.logs_dir, slot.id))
+            slot.group = sandbox.cgroups.create(slot.id) if sandbox.cgroups else None
             slot.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             request = {"namespaces": sandbox.namespace_flags,
                        "cgroup_procs": sandbox.cgroups.procs_files(slot.group) if slot.group else []}
@@ -818,6 +822,8 @@ class Launcher:
                 self.sandbox.cgroups.remove(slot.group)
             except OSError as e:
                 log.error("cannot remove the cgroup %s: %s", slot.group[0], e)
+        if slot.log:
+            slot.log.remove()
 
     def _send(self, request, fds):
         body = json.dumps(request).encode()
@@ -843,6 +849,8 @@ class Launcher:
         # them, and nothing here makes cycles worth collecting.
         gc.disable()
         gc.freeze()
+        if os.geteuid() == 0:
+            os.nice(10)  # making inits ahead of time must not slow the server; each init resets it for its command
         requests = socket.socket(fileno=fd)
         own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -1071,6 +1079,8 @@ class Init:
         """Becomes the job's user and executes the command; reports the outcome to the server."""
         stage = "user"
         try:
+            if os.geteuid() == 0:
+                os.setpriority(os.PRIO_PROCESS, 0, 0)  # the launcher's lower priority is not the job's
             if job["uid"] != os.geteuid():
                 os.setgroups([])  # nothing of the job runs as root from here on, the init included
                 os.setgid(job["gid"])
@@ -1345,7 +1355,7 @@ class JobManager:
         os.makedirs(self.jobs_dir, mode=0o700)
         self.sandbox = sandbox
         self.policy = policy
-        self.launcher = Launcher(sandbox)
+        self.launcher = Launcher(sandbox, self.jobs_dir)
         self._pump = OutputPump()
         self._pump.start()
         self._jobs = {}  # id -> Job, oldest first
@@ -1365,16 +1375,10 @@ class JobManager:
                 raise JobError("UNAVAILABLE", "the server is shutting down")
             self._starting += 1  # shutdown waits for starts under way, so none escapes it
         try:
-            job_id = str(uuid.uuid4())
-            output_log = OutputLog(os.path.join(self.jobs_dir, job_id))
-            try:
-                process, out_r, err_r = self.launcher.spawn(command, limits)
-            except BaseException:
-                output_log.remove()
-                raise
-            job = Job(job_id, owner, list(command), output_log, process)
+            slot, process, out_r, err_r = self.launcher.spawn(command, limits)
+            job = Job(slot.id, owner, list(command), slot.log, process)
             with self._lock:
-                self._jobs[job_id] = job
+                self._jobs[job.id] = job
             self._pump.watch(job, out_r, err_r)
             return job
         finally:
