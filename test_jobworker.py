@@ -632,20 +632,25 @@ class TLSProxy:
             raw = socket.create_connection((self.target[0], int(self.target[1])))
             tls = self.context.wrap_socket(raw, server_hostname="localhost")
             self.versions.append(tls.version())
-            threading.Thread(target=self._pipe, args=(plain, tls), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(tls, plain), daemon=True).start()
+            threading.Thread(target=self._relay, args=(plain, tls), daemon=True).start()
 
     @staticmethod
-    def _pipe(source, sink):
+    def _relay(plain, tls):
+        """Both directions in one thread: an SSL socket must not be read and written from two threads at once."""
         try:
-            while data := source.recv(65536):
-                sink.sendall(data)
+            while True:
+                ready = [tls] if tls.pending() else select.select([plain, tls], [], [])[0]
+                for source in ready:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    (tls if source is plain else plain).sendall(data)
         except OSError:
             pass
         finally:
-            for s in (source, sink):
+            for s in (plain, tls):
                 with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+                    s.close()
 
     def close(self):
         self.listener.close()
