@@ -702,7 +702,7 @@ class Launcher:
         sandbox = self.sandbox
         slot = self._take()
         with contextlib.ExitStack() as undo:  # everything a failed start must release, in reverse order
-            undo.callback(self._refill)
+            undo.callback(self.refill)
             undo.callback(self._discard, slot)
             applied = sandbox.cgroups.apply(slot.group, limits) if slot.group else {}
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -723,7 +723,6 @@ class Launcher:
                     os.close(fd)
             self._expect(slot, "started", command)
             undo.pop_all()
-        self._refill()
         init_pid = _pid_of(slot.pidfd)
         process = JobProcess(slot.channel, slot.pidfd, _child_of(init_pid) or init_pid, sandbox.cgroups, slot.group,
                              applied, sandbox.namespaces, sandbox.mode, sandbox.user)
@@ -733,7 +732,7 @@ class Launcher:
         """A ready init, waiting for one to be made if none is."""
         with self._changed:
             if self._ready:
-                return self._ready.popleft()  # the filler replaces it once this Start is done (_refill)
+                return self._ready.popleft()  # the filler replaces it once this Start is done (refill)
             self._failure = None
             self._changed.notify_all()
             while not self._ready:
@@ -744,8 +743,9 @@ class Launcher:
                 self._changed.wait()
             return self._ready.popleft()
 
-    def _refill(self):
-        """Wakes the filler: after the Start, not during it, since both need the CPU (and the GIL)."""
+    def refill(self):
+        """Has the filler replace the inits taken. Called once the Start's answer is on its way, not before: the
+        filler and the Start would compete for the CPU and the GIL."""
         with self._changed:
             self._failure = None
             self._changed.notify_all()
@@ -1680,6 +1680,7 @@ class Servicer:
 
     def Start(self, request, context, caller):
         limits = {name: getattr(request.limits, name) for name in LIMITS}
+        context.add_callback(self.manager.launcher.refill)  # once the answer has gone
         job = self.manager.start(caller.identity, list(request.command), limits)
         return pb.StartResponse(job_id=job.id, status=job.status())
 
