@@ -931,7 +931,7 @@ def scale_phase(results, monitor, server):
             processes = [init] + descendants(init)
             values = [pss_kb(p) for p in processes]
             if any(v is None for v in values) or not commands & set(processes[1:]):
-                unmatched += 1  # gone meanwhile, or not one of our running jobs
+                unmatched += 1  # gone meanwhile, not one of our jobs, or an init kept ready for the next Start
                 continue
             init_pss.append(values[0])
             command_pss.append(sum(values[1:]))
@@ -979,8 +979,12 @@ def scale_phase(results, monitor, server):
     while any(alive(i) for i in command_pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     launcher = server.launcher_pid()
+    # Inits still under the launcher with something under them are leftovers; inits with nothing under them are the
+    # few the server keeps ready for the next Starts (jobworker.Launcher.POOL), not jobs.
+    live_inits = [p for p in children(launcher) if proc_stat(p) and proc_stat(p)[0] != "Z"] if launcher else []
+    results["scale_ready_inits"] = sum(1 for p in live_inits if not descendants(p))
     results["scale_processes_left"] = sum(1 for i in command_pids if alive(i)) + \
-        (len([p for p in children(launcher) if proc_stat(p) and proc_stat(p)[0] != "Z"]) if launcher else 0)
+        sum(1 for p in live_inits if descendants(p))
     if errors or stop_errors:
         log(f"  scale: {len(errors)} start errors, {len(stop_errors)} stop errors: {(errors + stop_errors)[0]}")
 
