@@ -785,6 +785,9 @@ def throughput_phase(results, server, ceiling_addr, certs):
     for rep in range(REPS):
         order = runs[rep % len(runs):] + runs[:rep % len(runs)]  # rotate, so no one always runs first
         for name, run in order:
+            # Each run starts with the page cache clean: the service keeps every byte on disk, and the gigabytes
+            # earlier runs left dirty would otherwise make this one wait on their writeback.
+            os.sync()
             samples[name].append(run())
             log(f"  rep {rep + 1}/{REPS} {name}: {samples[name][-1]:.0f} MB/s")
             if name == "stream":  # right after it: the same job's output again, now that it has all been written
