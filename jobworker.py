@@ -28,7 +28,6 @@ import pwd
 import select
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -814,7 +813,9 @@ class Launcher:
         if slot.channel is not None:
             slot.channel.close()
         if slot.pidfd is not None:
-            select.select([slot.pidfd], [], [], 10)
+            exited = select.poll()  # not select(): a busy server's descriptors go past 1024
+            exited.register(slot.pidfd, select.POLLIN)
+            exited.poll(10_000)
             os.close(slot.pidfd)
             slot.pidfd = None
         if slot.group:
@@ -1217,10 +1218,11 @@ class Sandbox:
                                         "controller(s)")
                     if not self.cgroups.io_device:
                         problems.append("no block device under the data directory: disk limits are unavailable")
-                    self.cgroups.remove_stale()
                 self.namespaces, missing_ns = _namespaces_available()
                 problems += [f"{name} namespaces are unavailable" for name in missing_ns]
         if problems and mode == "on":
+            if self.cgroups:
+                self.cgroups.close()
             raise SystemExit("jobworker: --isolation on, but " + "; ".join(problems))
         for problem in problems:
             log.warning("isolation: %s", problem)
