@@ -1,5 +1,6 @@
 # make serve  - everything needed (virtual environment, dependencies, certificates), then run the service
 # make test   - everything needed, then the tests
+# make reliability - the reliability tests alone (load, faults, hostile input), printing the figures they measure
 # make bench  - the benchmark (BENCH_QUICK=1 for a short run)
 # make gen    - regenerate gen/ from jobworker.proto
 # make cert   - a CA, a server certificate and one client certificate per role, under certs/ (never overwritten)
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 ROLES := admin user observer
 DAYS := 825
 
-.PHONY: serve test bench gen cert renew-certs clean
+.PHONY: serve test reliability bench gen cert renew-certs clean
 .DELETE_ON_ERROR:
 .PRECIOUS: certs/%.key
 
@@ -20,6 +21,9 @@ serve: $(VENV)/.installed cert
 
 test: $(VENV)/.installed cert
 	$(PY) -m pytest -q $(PYTEST_ARGS) test_jobworker.py
+
+reliability: $(VENV)/.installed cert
+	$(PY) -m pytest -q -s --durations=0 -k reliability $(PYTEST_ARGS) test_jobworker.py
 
 bench: $(VENV)/.installed cert
 	$(PY) bench_jobworker.py

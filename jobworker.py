@@ -1620,6 +1620,35 @@ def authorize(method, auth_context):
     return Caller(caller.identity, caller.role, scope)
 
 
+def check_tls_files(cert, key, ca):
+    """Exits with a message naming the file unless cert and key are a matching PEM pair and ca holds a certificate.
+
+    gRPC would only say, later, that it could not bind; Python's own TLS library reads the same files strictly.
+    """
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    for path in (cert, key, ca):
+        try:
+            _read_bytes(path)
+        except OSError as e:
+            raise SystemExit(f"jobworker: cannot read {path}: {e.strerror}") from None
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise SystemExit(f"jobworker: {cert} and {key} are not a certificate and its private key in PEM: "
+                         f"{e.reason or e}") from None
+    try:
+        context.load_verify_locations(cafile=ca)
+    except (ssl.SSLError, OSError) as e:
+        raise SystemExit(f"jobworker: {ca} holds no CA certificate in PEM: {e.reason or e}") from None
+
+
+def check_address(addr):
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SystemExit(f"jobworker: {addr!r} is not HOST:PORT with a port from 0 to 65535")
+
+
 def server_credentials(cert, key, ca):
     return grpc.ssl_server_credentials([(_read_bytes(key), _read_bytes(cert))], root_certificates=_read_bytes(ca),
                                        require_client_auth=True)
@@ -1740,7 +1769,7 @@ class Guard:
             make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
             handlers[method.name] = make(
                 self._guarded(method.name, getattr(self.servicer, method.name)),
-                request_deserializer=getattr(pb, method.input_type.name).FromString,
+                request_deserializer=_lenient(getattr(pb, method.input_type.name)),
                 response_serializer=getattr(pb, method.output_type.name).SerializeToString)
         return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
@@ -1751,6 +1780,8 @@ class Guard:
             caller = None
             try:
                 caller = authorize(method, context.auth_context())
+                if isinstance(request, Malformed):
+                    raise JobError("INVALID_ARGUMENT", request.error)
                 response = implementation(request, context, caller)
             except (Denied, JobError) as e:
                 if audited:
@@ -1763,13 +1794,29 @@ class Guard:
 
     def _audit(self, method, caller, request, result, message=None, job_id=None):
         details = {"job_id": job_id or request_job(request)}
-        if method == "Start":
+        if method == "Start" and not isinstance(request, Malformed):
             details["command"] = list(request.command)[:64]
-        if method == "Stop":
+        if method == "Stop" and not isinstance(request, Malformed):
             details["force"] = request.force
         if message:
             details["error"] = message
         self.audit.record(caller, method.lower(), result, **details)
+
+
+class Malformed:
+    """A request that could not be decoded; the Guard answers it with INVALID_ARGUMENT (gRPC itself says INTERNAL)."""
+
+    def __init__(self, error):
+        self.error = error
+
+
+def _lenient(message_class):
+    def parse(data):
+        try:
+            return message_class.FromString(data)
+        except Exception as e:  # protobuf's DecodeError, and invalid UTF-8 in a string field
+            return Malformed(f"cannot decode the {message_class.__name__}: {e}")
+    return parse
 
 
 def request_job(request):
@@ -1876,7 +1923,8 @@ class Server:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         self.manager = JobManager(data_dir, sandbox, policy)
         self.audit = Audit(os.path.join(data_dir, "audit.log"))
-        options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0)]
+        options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0),
+                   ("grpc.http2.bdp_probe", 0)]  # else a client's oversized request grows our receive window first
         self._grpc = grpc.server(ElasticExecutor(self.WORKERS), options=options, maximum_concurrent_rpcs=self.WORKERS)
         streams = self.WORKERS - self.RESERVED
         servicer = Servicer(self.manager, StreamSlots(streams, streams // 2))
@@ -2057,11 +2105,8 @@ def build_parser():
 def serve(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     _raise_fd_limit()
-    for path in (args.cert, args.key, args.ca):
-        try:
-            _read_bytes(path)
-        except OSError as e:
-            raise SystemExit(f"jobworker: cannot read {path}: {e.strerror}") from None
+    check_tls_files(args.cert, args.key, args.ca)
+    check_address(args.addr)
     try:
         os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
         probe = os.path.join(args.data_dir, ".writable")

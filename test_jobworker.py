@@ -4,14 +4,18 @@ Every server here is `python jobworker.py serve` in its own process; certificate
 tests need root (as CI runs) and are skipped without it.
 """
 
+import collections
 import contextlib
+import ctypes
 import filecmp
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import ssl
@@ -24,6 +28,7 @@ import uuid
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
 import jobworker
 from gen import jobworker_pb2 as pb
@@ -1060,3 +1065,1263 @@ def test_cgroup_v2_path_places_kills_and_removes_job_groups(pki, tmp_path):
         assert not os.path.exists(group)
     finally:
         assert server.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reliability: load, faults and hostile input
+# ---------------------------------------------------------------------------------------------------------------------
+#
+# What a service that runs other people's commands must survive: load, slow and vanishing clients, jobs that misbehave,
+# signals and bad configuration, hostile requests and certificates. Tests that measure the server give it a server of
+# their own and read its threads, descriptors and memory from /proc. `make reliability` runs them and prints the
+# figures (threads, descriptors and resident memory before, at the peak and after each scenario).
+#
+# Bounds stated here (MiB = 2^20 bytes):
+# - after a scenario the server's threads and descriptors are back to their idle level, exactly (polled for up to 40 s:
+#   the RPC pool lets an idle thread go after 5 s);
+# - its resident memory is back within IDLE_MEMORY_SLACK of idle after a scenario with up to 200 calls at once, and
+#   within BURST_MEMORY_SLACK after one with 480 (the allocator keeps some freed memory for reuse: it plateaus after
+#   a round or two and does not grow with the number of rounds); a repeated round adds no more than
+#   REPEAT_MEMORY_SLACK (a leak of tens of kilobytes per job or per stream would show there);
+# - fan-out: 50 clients reading 100 MB each (5 GB sent) raise the server's peak memory by no more than
+#   FAN_OUT_MEMORY_BOUND, and by no more than FAN_OUT_SIZE_SLACK above 50 clients reading 10 MB each;
+# - a request over jobworker.MAX_REQUEST_BYTES (4 MiB) is refused with RESOURCE_EXHAUSTED and raises the server's
+#   peak memory by less than OVERSIZE_MEMORY_SLACK, however large it is.
+
+MiB = 1 << 20
+IDLE_MEMORY_SLACK = 64 * MiB
+BURST_MEMORY_SLACK = 128 * MiB
+REPEAT_MEMORY_SLACK = 24 * MiB
+FAN_OUT_MEMORY_BOUND = 160 * MiB
+FAN_OUT_SIZE_SLACK = 32 * MiB
+OVERSIZE_MEMORY_SLACK = 8 * MiB
+SETTLE_SECONDS = 40
+
+
+class Figures(collections.namedtuple("Figures", "threads fds rss hwm")):
+    """A process's threads, open descriptors, resident memory and peak resident memory (bytes), from /proc."""
+
+
+def figures_of(pid):
+    with open(f"/proc/{pid}/status") as f:
+        status = dict(line.split(":", 1) for line in f)
+    kib = lambda key: int(status[key].split()[0]) * 1024
+    return Figures(len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd")), kib("VmRSS"), kib("VmHWM"))
+
+
+def reset_peak_memory(pid):
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS (Linux 4.0 and later)
+
+
+class PeakWatch:
+    """The highest threads and descriptors of a process while the block runs (sampled every few milliseconds by a
+    thread), and its peak memory (VmHWM, reset when the block starts)."""
+
+    def __init__(self, pid, interval=0.005):
+        self.pid, self.interval = pid, interval
+        self._done = threading.Event()
+        self.threads = self.fds = self.hwm = 0
+
+    def _sample(self):
+        figures = figures_of(self.pid)
+        self.threads, self.fds = max(self.threads, figures.threads), max(self.fds, figures.fds)
+        self.hwm = max(self.hwm, figures.hwm)
+
+    def _run(self):
+        while not self._done.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        reset_peak_memory(self.pid)
+        self.start = figures_of(self.pid)
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def peak(self):
+        return Figures(self.threads, self.fds, self.hwm, self.hwm)
+
+
+def wait_until(condition, timeout=SETTLE_SECONDS, interval=0.05):
+    """Polls `condition` until it holds or `timeout` seconds have passed; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(interval)
+    return value
+
+
+def settle(server, idle, fds=True):
+    """Waits (bounded) until the server has no more threads (and descriptors) than at `idle`; its figures then."""
+    pid = server.proc.pid
+    wait_until(lambda: (lambda now: now.threads <= idle.threads and (not fds or now.fds <= idle.fds))(figures_of(pid)))
+    return figures_of(pid)
+
+
+def idle_server(pki, directory):
+    """A server of the test's own, once it has served a call of each kind and is idle again: (server, its figures)."""
+    server = Server(pki, directory)
+    at_start = figures_of(server.proc.pid)
+    client = server.client()
+    job_id = client.start(["echo", "warm"])
+    collect(client, job_id)
+    client.query(job_id)
+    client.list()
+    client.close()
+    idle = settle(server, at_start, fds=False)
+    assert idle.threads <= at_start.threads, f"one call left threads behind: {at_start} -> {idle}"
+    return server, idle
+
+
+def assert_back_to_idle(idle, after, what, memory_slack=IDLE_MEMORY_SLACK):
+    assert after.threads <= idle.threads, f"{what}: threads left behind ({idle.threads} idle, {after.threads} after)"
+    assert after.fds <= idle.fds, f"{what}: descriptors left behind ({idle.fds} idle, {after.fds} after)"
+    assert after.rss <= idle.rss + memory_slack, \
+        f"{what}: memory not given back ({idle.rss / MiB:.0f} MiB idle, {after.rss / MiB:.0f} MiB after)"
+
+
+def job_groups_left(server_pid, job_ids):
+    """The cgroup directories of these (ended) jobs of a server that are still present."""
+    return [path for path in cgroups_of(server_pid) if os.path.basename(path) in set(job_ids)]
+
+
+RELIABILITY_FIGURES = []
+
+
+def record(scenario, jobs, clients, streamed, before, peak, after):
+    RELIABILITY_FIGURES.append((scenario, jobs, clients, streamed, before, peak, after))
+
+
+@pytest.fixture(scope="module")
+def reliability_figures(request):
+    """Collects the figures of the scenarios that measure the server, and prints them as a table at the end."""
+    yield RELIABILITY_FIGURES
+    if not RELIABILITY_FIGURES:
+        return
+    lines = ["", "Reliability figures (server process; before = idle, peak = during, after = settled; memory is "
+                 "VmRSS, peak VmHWM, MiB)", "",
+             "| scenario | jobs | clients | bytes streamed | threads before / peak / after "
+             "| descriptors before / peak / after | memory MiB before / peak / after |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for scenario, jobs, clients, streamed, before, peak, after in RELIABILITY_FIGURES:
+        lines.append(f"| {scenario} | {jobs} | {clients} | {streamed:,} | {before.threads} / {peak.threads} / "
+                     f"{after.threads} | {before.fds} / {peak.fds} / {after.fds} | {before.rss / MiB:.0f} / "
+                     f"{peak.hwm / MiB:.0f} / {after.rss / MiB:.0f} |")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n".join(lines))
+
+
+def open_channel(server, credentials="admin", addr=None):
+    """A channel of its own (its own connection, never shared with another channel) and its stub."""
+    cert, key = server.pki.roles[credentials] if isinstance(credentials, str) else credentials
+    channel = grpc.secure_channel(
+        addr or server.addr, jobworker.channel_credentials(cert, key, server.pki._path("ca", "pem")),
+        options=[("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)])
+    return channel, jobworker.pb_grpc.JobWorkerStub(channel)
+
+
+def read_stream(stub, job_id, offset=0, timeout=120, first=None):
+    """(stdout, stderr, final status) of a whole stream on a raw stub (no reconnecting), checking that every message
+    begins where the previous one ended and that the status comes last; `first` is called after the first message."""
+    out, err, status = bytearray(), bytearray(), None
+    for message in stub.Stream(pb.StreamRequest(job_id=job_id, offset=offset), timeout=timeout):
+        assert status is None, "a message after the final status"
+        assert message.offset == offset, f"a gap or a repeat at {offset}: a message at {message.offset}"
+        offset += len(message.data)
+        (err if message.source == pb.StreamResponse.STDERR else out).extend(message.data)
+        if message.HasField("status"):
+            status = message.status
+        if first:
+            first, call = None, first
+            call()
+    assert status is not None, "the stream ended without the job's final status"
+    return bytes(out), bytes(err), status
+
+
+def digest_stream(stub, job_id, offset=0, timeout=300, first=None, digest=True):
+    """(bytes, sha256, final status) of a whole stream, not kept; `first` is called after the first message."""
+    digest, size, status = hashlib.sha256() if digest else None, 0, None
+    for message in stub.Stream(pb.StreamRequest(job_id=job_id, offset=offset), timeout=timeout):
+        assert message.offset == offset + size and status is None
+        if digest:
+            digest.update(message.data)
+        size += len(message.data)
+        if message.HasField("status"):
+            status = message.status
+        if first:
+            first, call = None, first
+            call()
+    return size, digest and digest.hexdigest(), status
+
+
+def wall_seconds(status):
+    return (status.ended_at.ToNanoseconds() - status.started_at.ToNanoseconds()) / 1e9
+
+
+def marker():
+    return str(random.randint(10 ** 8, 10 ** 9))
+
+
+# -- load --------------------------------------------------------------------------------------------------------------
+
+LOAD_JOBS, LOAD_CHANNELS, LOAD_BLOCK = 200, 20, 32 * 1024
+LOAD_ORDER = (1, 2, 1, 2, 2, 1, 1, 2)  # the stream each block goes to: two before the gate, six after
+LOAD_JOB = ("import random, sys\nrng = random.Random({seed})\n"
+            "streams = {{1: sys.stdout.buffer, 2: sys.stderr.buffer}}\n"
+            "def write(fds):\n    for fd in fds:\n"
+            "        streams[fd].write(rng.randbytes({size})); streams[fd].flush()\n"
+            "write({order}[:2])\n{hold}write({order}[2:])\n")
+
+
+def load_expected(seed):
+    rng = random.Random(seed)
+    blocks = [(fd, rng.randbytes(LOAD_BLOCK)) for fd in LOAD_ORDER]
+    return b"".join(b for fd, b in blocks if fd == 1), b"".join(b for fd, b in blocks if fd == 2)
+
+
+def test_reliability_load_200_concurrent_jobs_are_byte_exact_and_leave_nothing(pki, tmp_path, gate,
+                                                                              reliability_figures):
+    server, idle = idle_server(pki, str(tmp_path))
+    pid = server.proc.pid
+    gate.listener.listen(LOAD_JOBS)
+    try:
+        before, afters = idle, []
+        for round_ in (1, 2):
+            channels = [open_channel(server) for _ in range(LOAD_CHANNELS)]
+            results, go, streaming = {}, threading.Barrier(LOAD_JOBS + 1), threading.Barrier(LOAD_JOBS + 1)
+
+            def client(i):
+                try:
+                    stub = channels[i % LOAD_CHANNELS][1]
+                    go.wait(60)
+                    code = LOAD_JOB.format(seed=round_ * 1000 + i, size=LOAD_BLOCK, order=LOAD_ORDER,
+                                           hold=gate.hold(""))
+                    job_id = stub.Start(pb.StartRequest(command=py(code)), timeout=60).job_id
+                    results[i] = read_stream(stub, job_id, first=lambda: streaming.wait(60))
+                except BaseException as e:  # reported by the main thread
+                    results[i] = e
+                    streaming.abort()
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(LOAD_JOBS)]
+            with PeakWatch(pid) as watch:
+                for t in threads:
+                    t.start()
+                go.wait(60)
+                held = [gate.listener.accept()[0] for _ in range(LOAD_JOBS)]  # every job is running, all at once
+                streaming.wait(60)  # and every job's stream is open, with its first bytes read
+                during = figures_of(pid)
+                for connection in held:
+                    connection.close()
+                for t in threads:
+                    t.join(120)
+            streamed = 0
+            for i in range(LOAD_JOBS):
+                assert not isinstance(results.get(i), BaseException) and i in results, (i, results.get(i))
+                out, err, status = results[i]
+                assert (out, err) == load_expected(round_ * 1000 + i), f"job {i}: output differs"
+                assert status.state == pb.EXITED and status.exit_code == 0 and status.output_bytes == len(out + err)
+                streamed += len(out) + len(err)
+            for channel, _ in channels:
+                channel.close()
+            after = settle(server, idle)
+            record(f"load, round {round_}: {LOAD_JOBS} jobs started at once, each streamed", LOAD_JOBS,
+                   f"{LOAD_JOBS} threads on {LOAD_CHANNELS} connections", streamed, before, watch.peak, after)
+            assert during.threads > LOAD_JOBS, "the jobs' streams were not all open at once"
+            assert_back_to_idle(idle, after, f"load round {round_}")
+            assert not job_groups_left(pid, [status.job_id for _, _, status in results.values()])
+            afters.append(after)
+            before = after
+        assert afters[1].rss <= afters[0].rss + REPEAT_MEMORY_SLACK, \
+            f"a second round of {LOAD_JOBS} jobs kept {(afters[1].rss - afters[0].rss) / MiB:.0f} MiB more"
+    finally:
+        assert server.stop() == 0, server.read_log()
+
+
+# -- fan-out -----------------------------------------------------------------------------------------------------------
+
+def test_reliability_fan_out_50_clients_of_one_100_mb_job_in_bounded_memory(pki, tmp_path, gate, reliability_figures):
+    server, idle = idle_server(pki, str(tmp_path))
+    pid, clients, growth = server.proc.pid, 50, {}
+    try:
+        for blocks in (10, 100):  # MB each client reads: the bound must not depend on it
+            channels = [open_channel(server) for _ in range(clients)]
+            job_id = channels[0][1].Start(pb.StartRequest(command=py(
+                gate.hold() + PATTERN_JOB.format(blocks=blocks, size=1 << 20))), timeout=60).job_id
+            attached, results = threading.Barrier(clients + 1), [None] * clients
+
+            def reader(i):
+                try:
+                    results[i] = digest_stream(channels[i][1], job_id, first=lambda: attached.wait(60))
+                except BaseException as e:
+                    results[i] = e
+
+            threads = [threading.Thread(target=reader, args=(i,)) for i in range(clients)]
+            with PeakWatch(pid) as watch:
+                for t in threads:
+                    t.start()
+                attached.wait(60)  # every client has its first bytes while the job is still held
+                gate.open()
+                for t in threads:
+                    t.join(300)
+            expected = b"ready\n" + pattern(blocks)
+            whole = (len(expected), hashlib.sha256(expected).hexdigest())
+            for i, result in enumerate(results):
+                assert isinstance(result, tuple), (i, result)
+                assert result[:2] == whole and result[2].exit_code == 0, f"client {i}: {result[0]} bytes"
+            for channel, _ in channels:
+                channel.close()
+            growth[blocks] = watch.peak.hwm - idle.rss
+        after = settle(server, idle)
+        record(f"fan-out: {clients} clients stream one job of 100 MB", 1, clients, clients * len(expected), idle,
+               watch.peak, after)
+        assert growth[100] <= FAN_OUT_MEMORY_BOUND, f"peak memory grew by {growth[100] / MiB:.0f} MiB"
+        assert growth[100] <= growth[10] + FAN_OUT_SIZE_SLACK, \
+            f"peak memory grows with output size: {growth[10] / MiB:.0f} MiB for 10 MB, {growth[100] / MiB:.0f} for 100"
+        assert_back_to_idle(idle, after, "fan-out")
+    finally:
+        assert server.stop() == 0, server.read_log()
+
+
+# -- slow and vanishing clients ----------------------------------------------------------------------------------------
+
+class PausableProxy(CuttableProxy):
+    """A TCP proxy on loopback that can stop relaying what the server sends: the server's socket then fills up, as it
+    would for a client that stops reading altogether."""
+
+    def __init__(self, target):
+        self.flowing = threading.Event()
+        self.flowing.set()
+        super().__init__(target)
+
+    def _pipe(self, source, sink, count=False):
+        try:
+            while data := source.recv(65536):
+                if count:
+                    self.flowing.wait()
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        """Goes away as a client process that dies does: its sockets closed with unread data, so the server gets a
+        reset (a shutdown alone leaves the server to time the silent connection out, about 20 s later)."""
+        connections = list(self.connections)
+        self.flowing.set()
+        super().close()
+        for s in connections:
+            s.close()
+
+
+def test_reliability_clients_that_stop_reading_slow_neither_the_job_nor_other_clients(pki, tmp_path, gate,
+                                                                                      reliability_figures):
+    server, idle = idle_server(pki, str(tmp_path))
+    pid, blocks = server.proc.pid, 200
+    code = gate.hold() + PATTERN_JOB.format(blocks=blocks, size=1 << 20)
+    expected = b"ready\n" + pattern(blocks)
+    channel, stub = open_channel(server)
+    try:
+        alone_id = stub.Start(pb.StartRequest(command=py(code)), timeout=60).job_id  # the same job with no stuck client
+        next(iter(stub.Stream(pb.StreamRequest(job_id=alone_id), timeout=60)))
+        gate.open()
+        size, digest, alone = digest_stream(stub, alone_id)
+        assert (size, digest) == (len(expected), hashlib.sha256(expected).hexdigest())
+
+        job_id = stub.Start(pb.StartRequest(command=py(code)), timeout=60).job_id
+        proxy, stuck = PausableProxy(server.addr), []
+        with PeakWatch(pid) as watch:
+            for addr in (None,) * 3 + (proxy.addr,) * 3:  # 3 stop asking for messages, 3 stop reading the socket
+                stuck_channel, stuck_stub = open_channel(server, addr=addr)
+                call = stuck_stub.Stream(pb.StreamRequest(job_id=job_id), timeout=300)
+                assert next(call).data == b"ready\n"
+                stuck.append((stuck_channel, call))
+            proxy.flowing.clear()
+            gate.open()
+            started = time.monotonic()
+            size, digest, status = digest_stream(stub, job_id)  # another client reads it all, meanwhile
+            reading = time.monotonic() - started
+            listing = time.monotonic()
+            stub.List(pb.ListRequest(), timeout=10)
+            listing = time.monotonic() - listing
+        assert (size, digest) == (len(expected), hashlib.sha256(expected).hexdigest())
+        assert status.state == pb.EXITED and status.exit_code == 0, "the job ended while six clients read nothing"
+        assert wall_seconds(status) <= 2 * wall_seconds(alone) + 2, (wall_seconds(status), wall_seconds(alone))
+        assert reading <= 2 * wall_seconds(alone) + 5 and listing < 2
+        assert watch.hwm - watch.start.rss <= 64 * MiB, \
+            f"unread output is held in the server's memory: {(watch.hwm - watch.start.rss) / MiB:.0f} MiB"
+        for stuck_channel, call in stuck:
+            call.cancel()
+            stuck_channel.close()
+        proxy.close()
+        channel.close()
+        after = settle(server, idle)
+        record(f"stuck clients: 6 stop reading a {blocks} MB job, 1 reads it", 2, 7, 2 * size, idle, watch.peak, after)
+        assert_back_to_idle(idle, after, "stuck clients")
+    finally:
+        channel.close()
+        assert server.stop() == 0, server.read_log()
+
+
+PARTIAL_CLIENT_HELLO = bytes.fromhex("16030100c8010000c40303") + bytes(16)  # announces 200 bytes, sends 27
+
+
+def h2_frame(kind, flags, stream, payload=b""):
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def h2_partial_call(method="Stream"):
+    """An HTTP/2 connection preface, then a gRPC call's headers and the first byte of a 100-byte request."""
+    fields = ((b":method", b"POST"), (b":scheme", b"https"), (b":path", f"/jobworker.v1.JobWorker/{method}".encode()),
+              (b":authority", b"localhost"), (b"content-type", b"application/grpc"), (b"te", b"trailers"))
+    headers = b"".join(b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v for n, v in fields)  # HPACK literals
+    return (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0) + h2_frame(1, 4, 1, headers) +
+            h2_frame(0, 0, 1, b"\x00\x00\x00\x00\x64\x0a"))
+
+
+def vanish_at_the_transport(server, how, context):
+    """One client that goes away during its connection: at once, mid-TLS-handshake, after it, or mid-request."""
+    host, port = server.addr.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    try:
+        if how == "hello":
+            sock.sendall(PARTIAL_CLIENT_HELLO)
+        elif how in ("tls", "request"):
+            sock = context.wrap_socket(sock, server_hostname="localhost")
+            if how == "request":
+                sock.sendall(h2_partial_call())
+    finally:
+        sock.close()
+
+
+def test_reliability_hundreds_of_vanishing_clients_leave_nothing_behind(pki, tmp_path, gate, reliability_figures):
+    server, idle = idle_server(pki, str(tmp_path))
+    pid = server.proc.pid
+    per_caller = (jobworker.Server.WORKERS - jobworker.Server.RESERVED) // 2
+    cert, key = pki.roles["admin"]
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=pki._path("ca", "pem"))
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    admin_channel, admin = open_channel(server)
+    vanished = collections.Counter()
+    try:
+        code = "import sys\nsys.stdout.write('x' * 100000); sys.stdout.flush()\n" + gate.hold("")
+        job_id = admin.Start(pb.StartRequest(command=py(code)), timeout=60).job_id
+        first = admin.Stream(pb.StreamRequest(job_id=job_id, offset=99999), timeout=60)
+        assert next(first).data == b"x"
+        first.cancel()
+        base = settle(server, idle, fds=False)  # idle, with the job and the admin's connection open
+
+        def fill_every_stream_slot():
+            """Opens as many streams as one caller may (all must open), checks the next is refused, closes them."""
+            channel, stub = open_channel(server)
+            calls = []
+            try:
+                for _ in range(per_caller):
+                    calls.append(stub.Stream(pb.StreamRequest(job_id=job_id), timeout=120))
+                    next(calls[-1])
+                refused = stub.Stream(pb.StreamRequest(job_id=job_id), timeout=60)
+                assert code_of(lambda: next(refused)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            finally:
+                for call in calls:
+                    call.cancel()
+                channel.close()
+            return len(calls)
+
+        for _ in range(2):  # also brings memory to its working level for that many streams (a plateau after two)
+            assert fill_every_stream_slot() == per_caller
+        warmed = settle(server, base)
+        assert_back_to_idle(base, warmed, f"{per_caller} streams closed by their client", BURST_MEMORY_SLACK)
+        with PeakWatch(pid) as watch:
+            for _ in range(4):
+                proxy, calls = CuttableProxy(server.addr), []
+                shared = {mode: open_channel(server) for mode in ("cancel", "deadline")}
+                for mode in ("cancel", "deadline", "close", "cut") * 30:
+                    channel, stub = shared[mode] if mode in shared else \
+                        open_channel(server, addr=proxy.addr if mode == "cut" else None)
+                    call = stub.Stream(pb.StreamRequest(job_id=job_id), timeout=2 if mode == "deadline" else 60)
+                    with contextlib.suppress(grpc.RpcError):  # a deadline may pass before the first message
+                        next(call)
+                    calls.append((mode, channel, call))
+                for mode, channel, call in calls:
+                    if mode == "cancel":
+                        call.cancel()
+                    elif mode == "close":
+                        channel.close()
+                proxy.cut()  # as if the client's machine went away: no HTTP/2 goodbye
+                for mode, channel, call in calls:
+                    assert code_of(lambda: list(call)) != OK, mode
+                    vanished[mode] += 1
+                for _, channel, _ in calls:
+                    channel.close()
+                for channel, _ in shared.values():
+                    channel.close()
+                proxy.close()
+                for how in ("connect", "hello", "tls", "request") * 25:
+                    vanish_at_the_transport(server, how, context)
+                    vanished[f"transport {how}"] += 1
+            # Clients that vanish in the middle of a unary call: Stops waiting out a job that ignores SIGTERM.
+            stubborn = admin.Start(pb.StartRequest(command=py(
+                "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+                "signal.pause()\n")), timeout=60).job_id
+            reading = admin.Stream(pb.StreamRequest(job_id=stubborn), timeout=60)
+            assert next(reading).data == b"ready\n"
+            reading.cancel()
+            quiet = settle(server, base, fds=False)
+            stoppers = [open_channel(server) for _ in range(20)]
+            futures = [stub.Stop.future(pb.StopRequest(job_id=stubborn, timeout_seconds=600), timeout=120)
+                       for _, stub in stoppers]
+            assert wait_until(lambda: figures_of(pid).threads >= quiet.threads + len(stoppers)), \
+                "the Stop calls never reached the server"
+            for channel, _ in stoppers:
+                channel.close()
+            for future in futures:
+                assert code_of(future.result) == grpc.StatusCode.CANCELLED
+                vanished["mid-Stop"] += 1
+            assert admin.Stop(pb.StopRequest(job_id=stubborn, force=True), timeout=60).signal == signal.SIGKILL
+            assert fill_every_stream_slot() == per_caller, "a vanished client's stream slot was never given back"
+            after = settle(server, base)
+        assert_back_to_idle(warmed, after, "vanishing clients", memory_slack=REPEAT_MEMORY_SLACK)
+        gate.open()
+        read_stream(admin, job_id)
+        admin_channel.close()
+        after = settle(server, idle)
+        total = sum(vanished.values())
+        record(f"vanishing: {total} clients go away mid-stream or mid-call", 2, total, 0, idle, watch.peak, after)
+        assert_back_to_idle(idle, after, "vanishing clients", BURST_MEMORY_SLACK)
+        assert not job_groups_left(pid, [job_id, stubborn])
+        assert "Traceback" not in server.read_log()
+    finally:
+        admin_channel.close()
+        assert server.stop() == 0, server.read_log()
+
+
+# -- faults in jobs ----------------------------------------------------------------------------------------------------
+
+def test_reliability_a_job_that_closes_its_output_early_ends_its_stream_only_when_it_ends(admin, gate):
+    code = ("import os, sys\nprint('early', flush=True)\nos.close(1)\nsys.stderr.write('late\\n'); sys.stderr.flush()\n"
+            "os.close(2)\n" + gate.hold("") + "raise SystemExit(3)\n")
+    job_id = admin.start(py(code))
+    streaming = admin.stub.Stream(pb.StreamRequest(job_id=job_id), timeout=60)
+    got = bytearray()
+    while len(got) < len(b"early\nlate\n"):
+        got += next(streaming).data
+    assert admin.query(job_id).state == pb.RUNNING  # both pipes are closed, and the job goes on
+    gate.open()
+    rest = list(streaming)
+    assert rest and rest[-1].status.exit_code == 3, "the stream ended before the job"
+    assert b"".join(m.data for m in rest) == b""
+    out, err, status = read_stream(admin.stub, job_id)
+    assert (out, err, status.state, status.exit_code) == (b"early\n", b"late\n", pb.EXITED, 3)
+
+
+def test_reliability_output_without_newlines_arrives_live_and_byte_exact(admin, gate):
+    count = 20000  # single-byte writes, alternating stdout and stderr: 20000 runs in the log's index
+    code = ("import os\nos.write(1, b'abc')\n" + gate.hold("") +
+            f"for i in range({count}):\n    os.write(1 + i % 2, bytes([i % 251]))\n")
+    job_id = admin.start(py(code))
+    streaming = admin.stub.Stream(pb.StreamRequest(job_id=job_id), timeout=60)
+    assert next(streaming).data == b"abc", "output without a newline waits for one"
+    gate.open()
+    out, err, status = read_stream(admin.stub, job_id)
+    assert out == b"abc" + bytes(i % 251 for i in range(0, count, 2))
+    assert err == bytes(i % 251 for i in range(1, count, 2))
+    assert status.exit_code == 0 and status.output_bytes == count + 3
+    for offset in (1, 3, 4, 5, count // 2 + 1, count + 2, count + 3):
+        tail_out, tail_err, _ = read_stream(admin.stub, job_id, offset)
+        assert len(tail_out) + len(tail_err) == count + 3 - offset
+        assert out.endswith(tail_out) and err.endswith(tail_err)
+
+
+def test_reliability_a_job_writing_gigabytes_streams_them_all_in_bounded_time_and_memory(pki, tmp_path,
+                                                                                        reliability_figures):
+    server, idle = idle_server(pki, str(tmp_path))
+    size = (2 << 30) + (1 << 20)  # past 2^31: offsets beyond any 32-bit integer
+    channel, stub = open_channel(server)
+    try:
+        started = time.monotonic()
+        job_id = stub.Start(pb.StartRequest(command=["sh", "-c", f"head -c {size} /dev/zero; printf END"]),
+                            timeout=60).job_id
+        with PeakWatch(server.proc.pid) as watch:
+            streamed, _, status = digest_stream(stub, job_id, timeout=120, digest=False)
+        elapsed = time.monotonic() - started
+        assert streamed == size + 3 and status.exit_code == 0 and status.output_bytes == size + 3
+        assert elapsed < 60, f"{size + 3} bytes took {elapsed:.0f} s"
+        out, _, _ = read_stream(stub, job_id, size - 2)
+        assert out == b"\0\0END"
+        assert code_of(lambda: read_stream(stub, job_id, 1 << 32)) == grpc.StatusCode.OUT_OF_RANGE
+        growth = watch.hwm - watch.start.rss
+        assert growth <= 64 * MiB, f"{growth / MiB:.0f} MiB for {size} bytes"
+        channel.close()
+        after = settle(server, idle)
+        record("gigabytes: one job writes 2 GiB + 1 MiB, one client streams it", 1, 1, streamed, idle, watch.peak,
+               after)
+        assert_back_to_idle(idle, after, "a job writing gigabytes")
+    finally:
+        channel.close()
+        assert server.stop() == 0, server.read_log()
+        shutil.rmtree(server.data_dir, ignore_errors=True)  # the 2 GiB log
+
+
+def test_reliability_a_job_with_hundreds_of_children_stops_entirely(admin):
+    mark = marker()
+    job_id = admin.start(["sh", "-c", f"for i in $(seq 300); do sleep {mark} & done; echo ready; wait"])
+    collect_until(admin, job_id, 6)
+    assert len(processes_with(mark)) >= 300
+    status = admin.stop(job_id, timeout=10)
+    assert status.state == pb.STOPPED and status.signal == signal.SIGTERM
+    assert processes_with(mark) == []
+    assert read_stream(admin.stub, job_id)[2].state == pb.STOPPED
+
+
+@needs_root
+def test_reliability_a_fork_bomb_that_ignores_sigterm_is_contained_and_stopped(admin):
+    mark = marker()
+    code = (f"# {mark}\nimport os, signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+            "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
+    job_id = admin.start(py(code), pids=64)
+    collect_until(admin, job_id, 6)
+    assert wait_until(lambda: len(processes_with(mark)) >= 64, timeout=30), "the bomb did not reach its limit"
+    assert len(processes_with(mark)) <= 64
+    started = time.monotonic()
+    assert code_of(admin.list) == OK  # the server still serves, with every process of the job spinning
+    status = admin.stop(job_id, timeout=0.5)
+    assert status.state == pb.STOPPED and status.signal == signal.SIGKILL
+    assert time.monotonic() - started < 30
+    assert processes_with(mark) == []
+    assert read_stream(admin.stub, job_id)[2].state == pb.STOPPED
+
+
+def test_reliability_a_job_that_exits_while_its_children_live_on_ends_with_them(admin):
+    mark = marker()
+    code = (f"# {mark}\nimport os, signal, sys\n"
+            "for _ in range(3):\n    if os.fork() == 0:\n        os.setsid()\n"
+            "        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):\n"
+            "            signal.signal(s, signal.SIG_IGN)\n"
+            "        while True:\n            os.write(1, b'child\\n')\n"
+            "print('parent leaves', flush=True)\n")
+    out, err, status = read_stream(admin.stub, admin.start(py(code)))
+    assert status.state == pb.EXITED and status.exit_code == 0 and status.output_bytes == len(out) + len(err)
+    assert b"parent leaves\n" in out and set(out.split(b"\n")) <= {b"child", b"parent leaves", b""}, out[-200:]
+    assert processes_with(mark) == [], "a child outlived its job"
+
+
+def test_reliability_a_job_whose_processes_all_ignore_sigterm_and_write_is_stopped(admin):
+    mark = marker()
+    code = (f"# {mark}\nimport os, signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "for _ in range(3):\n    os.fork()\n"  # eight writers
+            "import time\nprint('ready', flush=True)\n"
+            "while True:\n    os.write(1, b'x' * 4096)\n    time.sleep(0.001)\n")
+    job_id = admin.start(py(code))
+    collect_until(admin, job_id, 1 << 20)
+    reader = {}
+    thread = threading.Thread(target=lambda: reader.update(result=digest_stream(admin.stub, job_id)))
+    thread.start()
+    started = time.monotonic()
+    status = admin.stop(job_id, timeout=0.5)
+    assert time.monotonic() - started < 30
+    thread.join(60)
+    assert status.state == pb.STOPPED and status.signal == signal.SIGKILL
+    size, _, final = reader["result"]
+    assert final.state == pb.STOPPED and size == final.output_bytes == status.output_bytes
+    assert processes_with(mark) == []
+
+
+def test_reliability_a_job_that_stops_itself_can_be_queried_streamed_and_stopped(admin):
+    mark = marker()
+    job_id = admin.start(["sh", "-c", f"sleep {mark} & echo ready; kill -STOP 0; echo resumed; wait"])
+    collect_until(admin, job_id, 6)
+    status = admin.query(job_id)
+
+    def stopped(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+    assert wait_until(lambda: all(stopped(p) for p in processes_with(mark) + [status.pid]), timeout=30)
+    assert admin.query(job_id).state == pb.RUNNING
+    streaming = admin.stub.Stream(pb.StreamRequest(job_id=job_id), timeout=60)
+    assert next(streaming).data == b"ready\n"
+    started = time.monotonic()
+    status = admin.stop(job_id, timeout=20)
+    assert status.state == pb.STOPPED and status.signal == signal.SIGTERM, "SIGTERM did not reach the stopped job"
+    assert time.monotonic() - started < 20
+    rest = list(streaming)
+    assert rest and rest[-1].status.state == pb.STOPPED and b"".join(m.data for m in rest) == b""
+    assert processes_with(mark) == []
+
+
+# -- server faults -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_reliability_server_signal_with_jobs_running_and_streams_open_exits_cleanly(pki, tmp_path, gate, sig):
+    server = Server(pki, str(tmp_path))
+    pid, mark = server.proc.pid, marker()
+    channel, stub = open_channel(server)
+    try:
+        jobs = {
+            "writer": ["sh", "-c", f"echo ready; while :; do echo {mark}; done"],
+            "stopped": ["sh", "-c", f"sleep {mark} & echo ready; kill -STOP 0; wait"],
+            "stubborn": py(f"# {mark}\nimport os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                           f"os.fork()\nprint('ready', flush=True)\ntime.sleep({mark})"),
+            "held": py(f"# {mark}\n" + gate.hold()),
+        }
+        ids = {name: stub.Start(pb.StartRequest(command=command), timeout=60).job_id for name, command in jobs.items()}
+        readers, results = [], {}
+        attached = threading.Barrier(len(ids) * 2 + 1)
+
+        def read(name, job_id, offset):
+            reader_channel, reader_stub = open_channel(server)
+            try:
+                results[name, offset] = read_until_the_end(reader_stub, job_id, offset, attached)
+            finally:
+                reader_channel.close()
+
+        for name, job_id in ids.items():
+            for offset in (0, 5):  # from the start; and from the last byte of "ready\n", then waiting for more
+                readers.append(threading.Thread(target=read, args=(name, job_id, offset)))
+        for t in readers:
+            t.start()
+        attached.wait(60)  # every stream has had its first message
+        stopping = stub.Stop.future(pb.StopRequest(job_id=ids["stubborn"], timeout_seconds=600), timeout=120)
+        started = time.monotonic()
+        server.proc.send_signal(sig)
+        code = server.proc.wait(60)
+        took = time.monotonic() - started
+        for t in readers:
+            t.join(60)
+        assert code == 0, server.read_log()
+        assert took < jobworker.SHUTDOWN_GRACE + 10, f"shutdown took {took:.1f} s"
+        assert processes_with(mark) == [], "a job outlived its server"
+        assert not cgroups_of(pid), "a cgroup outlived its server"
+        log = server.read_log()
+        assert f"{signal.Signals(sig).name}: stopping every job" in log and "Traceback" not in log, log[-2000:]
+        assert code_of(lambda: stopping.result(60)) in (OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert len(results) == len(ids) * 2, "a stream never ended"
+        for (name, offset), (size, status, error) in results.items():
+            assert error in (None, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), (name, offset, error)
+            if error is None:
+                assert status is not None and status.state == pb.STOPPED, (name, offset, status)
+                assert size == status.output_bytes - offset, f"{name}: {size} of {status.output_bytes - offset} bytes"
+    finally:
+        channel.close()
+        server.stop()
+
+
+def read_until_the_end(stub, job_id, offset, attached):
+    """(bytes read, final status or None, error code or None) of a stream that the server's shutdown ends; passes
+    `attached` after its first message."""
+    size, status, waiting = 0, None, False
+    try:
+        for message in stub.Stream(pb.StreamRequest(job_id=job_id, offset=offset), timeout=120):
+            size += len(message.data)
+            if message.HasField("status"):
+                status = message.status
+            if not waiting:
+                waiting = True
+                attached.wait(60)
+    except grpc.RpcError as e:
+        return size, status, e.code()
+    return size, status, None
+
+
+def test_reliability_a_server_with_bad_configuration_exits_at_once_with_a_clear_message(pki, tmp_path):
+    cert, key = pki.server
+    ca = pki._path("ca", "pem")
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "garbage.pem").write_text("not a certificate\n")
+    (files / "empty.pem").write_text("")
+    (files / "dir.pem").mkdir()
+    unreadable = {}
+    for name, source in (("cert", cert), ("key", key), ("ca", ca)):
+        unreadable[name] = files / f"unreadable-{name}.pem"
+        shutil.copy(source, unreadable[name])
+        os.chmod(unreadable[name], 0)
+    (files / "a-file").write_text("")
+    good = {"cert": cert, "key": key, "ca": ca}
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop_file_capabilities():  # root reads any file; without CAP_DAC_OVERRIDE/READ_SEARCH, a mode 000 one no more
+        for capability in (1, 2):
+            libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP
+
+    def serve(what, *, data=None, addr="127.0.0.1:0", capabilities=True, names=(), **paths):
+        """Starts a server that must refuse to; returns a problem with it, or None."""
+        argv = [sys.executable, JOBWORKER, "serve", "--addr", addr, "--data-dir", str(data or tmp_path / "data")]
+        for name, path in dict(good, **paths).items():
+            argv += [f"--{name}", str(path)]
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   preexec_fn=None if capabilities or not ROOT else drop_file_capabilities)
+        ready, _, _ = select.select([process.stdout], [], [], 20)
+        if ready and process.stdout.readline().startswith(b"listening"):
+            process.terminate()
+            process.communicate(timeout=60)
+            return f"{what}: the server started"
+        try:
+            _, err = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            return f"{what}: the server neither started nor exited"
+        message = err.decode(errors="replace").strip()
+        expected = [str(p) for p in paths.values()] + list(names) or [str(data or addr)]
+        if process.returncode == 0 or "Traceback" in message or len(message.splitlines()) > 8:
+            return f"{what}: exit {process.returncode}: {message[-300:]!r}"
+        if not any(e in message for e in expected):
+            return f"{what}: the message does not name {' or '.join(expected)}: {message[-300:]!r}"
+        return None
+
+    problems = [
+        serve("unreadable certificate", capabilities=False, cert=unreadable["cert"]),
+        serve("unreadable key", capabilities=False, key=unreadable["key"]),
+        serve("unreadable CA", capabilities=False, ca=unreadable["ca"]),
+        serve("certificate is a directory", cert=files / "dir.pem"),
+        serve("certificate is not PEM", cert=files / "garbage.pem"),
+        serve("key is not PEM", key=files / "garbage.pem"),
+        serve("CA is not PEM", ca=files / "garbage.pem"),
+        serve("empty certificate", cert=files / "empty.pem"),
+        serve("empty key", key=files / "empty.pem"),
+        serve("empty CA", ca=files / "empty.pem"),
+        serve("certificate and key swapped", cert=key, key=cert),
+        serve("the key of another certificate", key=pki.roles["admin"][1], names=[cert]),
+        serve("data directory is a file", data=files / "a-file"),
+        serve("data directory on a read-only file system", data="/sys/kernel/jobworker"),
+        serve("port out of range", addr="127.0.0.1:99999"),
+    ]
+    problems = [p for p in problems if p]
+    assert not problems, "\n".join(problems)
+
+
+# -- hostile input -----------------------------------------------------------------------------------------------------
+
+JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the PATH a job gets
+SAFE_PROGRAMS = {"true", "echo"}  # what generated commands may run (names that would run anything else are left out)
+METHODS = ("Start", "Stop", "Query", "Stream", "List")
+REQUEST_TYPES = {"Start": pb.StartRequest, "Stop": pb.StopRequest, "Query": pb.QueryRequest,
+                 "Stream": pb.StreamRequest, "List": pb.ListRequest}
+INVALID, NOT_FOUND, RESOURCE_EXHAUSTED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                                          grpc.StatusCode.RESOURCE_EXHAUSTED)
+HOSTILE = settings(deadline=None, derandomize=True, database=None,
+                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                          HealthCheck.data_too_large])
+
+
+def resolve_program(name):
+    """The file a job's exec would run for `name` (its PATH, its working directory /), or None."""
+    candidates = [os.path.join("/", name)] if "/" in name else [os.path.join(d, name) for d in JOB_PATH.split(":")]
+    for path in candidates:
+        with contextlib.suppress(ValueError, OSError):
+            if os.path.isfile(path) and os.access(path, os.X_OK):
+                return path
+    return None
+
+
+def harmless(name):
+    found = "\0" not in name and resolve_program(name)
+    return not found or os.path.basename(found) in SAFE_PROGRAMS
+
+
+def memory_total():
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+
+
+TEXT = st.text(st.characters(codec="utf-8"), max_size=30)  # any unicode ('\0' too) but lone surrogates: not UTF-8
+ODD_TEXT = st.sampled_from(["", " ", "\0", "a\0b", "é", "😀", "\u202e", "\n", "-n", "%s%n", "../../etc", "x" * 200])
+PROGRAMS = st.one_of(st.sampled_from(["true", "/bin/true", "echo", "bin/echo", "", " ", "/", "/etc/passwd",
+                                      "/no/such/program", "no-such-program", "é", "\0"]), TEXT.filter(harmless))
+ARGUMENTS = st.one_of(TEXT, ODD_TEXT, st.integers(0, 6 * MiB).map(lambda n: "a" * n))
+COMMANDS = st.one_of(
+    st.lists(st.one_of(TEXT, ODD_TEXT), max_size=3),                                     # no sane program at all
+    st.builds(lambda p, args: [p] + args, PROGRAMS, st.lists(ARGUMENTS, max_size=6)),
+    st.builds(lambda p, n: [p] + [""] * n, PROGRAMS, st.integers(0, 400_000)),          # huge argv
+    st.builds(lambda p, n, arg: [p] + [arg] * n, PROGRAMS, st.integers(0, 40), st.sampled_from(["y" * 100_000])),
+)
+CORES = st.one_of(st.just(0.0), st.floats(), st.sampled_from(
+    [-0.0, 5e-324, 1e-9, 0.001, 0.5, float(os.cpu_count()), os.cpu_count() + 1e-9, -1.0, 1e308, math.inf, -math.inf,
+     math.nan]))
+U64 = st.one_of(st.just(0), st.integers(0, 2 ** 64 - 1), st.sampled_from(
+    [1, 4 * MiB - 1, 4 * MiB, 64 * MiB, 32768, 32769, 2 ** 31, 2 ** 32, 2 ** 63, 2 ** 64 - 1]))
+LIMITS = st.one_of(st.just(pb.Limits()), st.builds(pb.Limits, cpu_cores=CORES, memory_bytes=U64, io_read_bps=U64,
+                                                   io_write_bps=U64, pids=U64))
+JOB_IDS = st.one_of(
+    TEXT, ODD_TEXT, st.sampled_from(["@running", "@ended"]),
+    st.uuids().map(str),                                         # well formed, but no such job
+    st.uuids().map(lambda u: str(u).upper()), st.uuids().map(lambda u: u.hex), st.uuids().map(lambda u: f"{{{u}}}"),
+    st.uuids().map(lambda u: f" {u}"), st.uuids().map(lambda u: f"{u}\n"), st.uuids().map(lambda u: f"{u}\0"),
+    st.integers(0, 6 * MiB).map(lambda n: "j" * n),              # up to 6 MiB: beyond the 4 MiB request limit
+)
+TIMEOUTS = st.one_of(st.none(), st.floats(), st.sampled_from(
+    [0.0, -0.0, 5e-324, 0.001, 1.0, 3600.0, 3600.000001, -1.0, 1e308, math.inf, -math.inf, math.nan]))
+OFFSETS = st.one_of(st.integers(0, 16), st.integers(0, 2 ** 64 - 1), st.sampled_from(
+    [2 ** 31 - 1, 2 ** 31, 2 ** 32, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1]))
+
+
+def status_of(call):
+    """The status code of a call (and its response, if it succeeded)."""
+    try:
+        return OK, call()
+    except grpc.RpcError as e:
+        assert e.details(), f"{e.code()} without a message"
+        return e.code(), None
+
+
+class Hostile:
+    """A server of this module's own for hostile requests, with jobs the requests can name."""
+
+    def __init__(self, pki, directory):
+        self.server = Server(pki, directory)
+        self.channel, self.stub = open_channel(self.server)
+        self.held = Gate()
+        self.running = self.stub.Start(pb.StartRequest(command=py(self.held.hold())), timeout=60).job_id
+        assert next(iter(self.stub.Stream(pb.StreamRequest(job_id=self.running), timeout=60))).data == b"ready\n"
+        self.ended = self.stub.Start(pb.StartRequest(command=["sh", "-c", "printf abc; printf DEF >&2; printf ghi"]),
+                                     timeout=60).job_id
+        self.ended_output = [(m.source, m.data) for m in self.stub.Stream(pb.StreamRequest(job_id=self.ended),
+                                                                          timeout=60) if m.data]
+        self.unavailable = set()  # limits this server cannot enforce (FAILED_PRECONDITION when asked for)
+        for name in jobworker.LIMITS:
+            value = 0.5 if name == "cpu_cores" else (64 * MiB if name == "memory_bytes" else 100)
+            code, response = status_of(lambda: self.stub.Start(pb.StartRequest(
+                command=["true"], limits=pb.Limits(**{name: value})), timeout=60))
+            assert code in (OK, grpc.StatusCode.FAILED_PRECONDITION), (name, code)
+            if code != OK:
+                self.unavailable.add(name)
+
+    def job_id(self, text):
+        return {"@running": self.running, "@ended": self.ended}.get(text, text)
+
+    def still_serves(self):
+        assert status_of(lambda: self.stub.List(pb.ListRequest(), timeout=30))[0] == OK, "List fails after the request"
+
+    def close(self):
+        self.channel.close()
+        with contextlib.suppress(socket.timeout):
+            self.held.open()
+        self.held.close()
+        assert self.server.stop() == 0, self.server.read_log()
+        assert not cgroups_of(self.server.proc.pid)
+
+
+@pytest.fixture(scope="module")
+def hostile(pki, tmp_path_factory):
+    hostile = Hostile(pki, str(tmp_path_factory.mktemp("hostile")))
+    yield hostile
+    hostile.close()
+
+
+def id_outcome(hostile, request, job_id):
+    """What a request naming `job_id` must get before anything else about it is looked at."""
+    if request.ByteSize() > jobworker.MAX_REQUEST_BYTES:
+        return {RESOURCE_EXHAUSTED}
+    if job_id in (hostile.running, hostile.ended):
+        return {OK}
+    try:
+        canonical = str(uuid.UUID(job_id)) == job_id
+    except ValueError:
+        canonical = False
+    return {NOT_FOUND} if canonical else {INVALID}
+
+
+def start_outcome(hostile, request):
+    if request.ByteSize() > jobworker.MAX_REQUEST_BYTES:
+        return {RESOURCE_EXHAUSTED}
+    command, limits = list(request.command), request.limits
+    if not command or not command[0] or any("\0" in arg for arg in command):
+        return {INVALID}
+    cores = limits.cpu_cores
+    invalid = (not math.isfinite(cores) or cores < 0 or cores > os.cpu_count() or limits.memory_bytes > memory_total()
+               or 0 < limits.memory_bytes < 4 * MiB or limits.pids > 32768)
+    unavailable = any(getattr(limits, name) for name in hostile.unavailable)
+    if invalid or unavailable:
+        return ({INVALID} if invalid else set()) | ({grpc.StatusCode.FAILED_PRECONDITION} if unavailable else set())
+    if not resolve_program(command[0]):
+        return {INVALID}
+    sizes = [len(arg.encode()) + 1 for arg in command]
+    total = sum(sizes) + 8 * len(command)
+    if max(sizes) > 128 * 1024 or total > 2 * MiB:
+        return {INVALID}  # E2BIG: the kernel refuses it
+    return {OK, INVALID} if total > 1.5 * MiB else {OK}
+
+
+@settings(HOSTILE, max_examples=60)
+@given(command=COMMANDS, limits=LIMITS)
+@example(command=["echo", "x" * (128 * 1024 - 1)], limits=pb.Limits())     # the longest argument the kernel takes
+@example(command=["echo", "x" * (128 * 1024)], limits=pb.Limits())
+@example(command=["true", "x" * (4 * MiB)], limits=pb.Limits())             # just over the request limit
+@example(command=["true"], limits=pb.Limits(memory_bytes=4 * MiB, pids=1, cpu_cores=5e-324))
+def test_reliability_hostile_start_requests(hostile, command, limits):
+    request = pb.StartRequest(command=command, limits=limits)
+    allowed = start_outcome(hostile, request)
+    code, response = status_of(lambda: hostile.stub.Start(request, timeout=60))
+    if code == OK:
+        assert list(response.status.command) == command and response.status.owner == "ada"
+        hostile.stub.Stop(pb.StopRequest(job_id=response.job_id, force=True), timeout=60)
+    assert code in allowed, (code, allowed, [a[:40] for a in command[:5]], len(command), limits)
+    hostile.still_serves()
+
+
+@settings(HOSTILE, max_examples=40)
+@given(job_id=JOB_IDS, force=st.booleans(), timeout=TIMEOUTS)
+@example(job_id="@running", force=False, timeout=3600.0)
+@example(job_id="@running", force=True, timeout=math.nan)
+def test_reliability_hostile_stop_requests(hostile, job_id, force, timeout):
+    if job_id == "@running":  # a job of its own, that this request may end
+        job_id = hostile.stub.Start(pb.StartRequest(command=["sleep", "600"]), timeout=60).job_id
+        own = job_id
+    else:
+        job_id, own = hostile.job_id(job_id), None
+    request = pb.StopRequest(job_id=job_id, force=force)
+    if timeout is not None:
+        request.timeout_seconds = timeout
+    allowed = id_outcome(hostile, request, job_id) if job_id != own else {OK}
+    if allowed == {OK} and timeout is not None and not (math.isfinite(timeout) and 0 <= timeout <= 3600):
+        allowed = {INVALID}
+    elif allowed == {NOT_FOUND} and timeout is not None and not (math.isfinite(timeout) and 0 <= timeout <= 3600):
+        allowed = {NOT_FOUND, INVALID}
+    code, response = status_of(lambda: hostile.stub.Stop(request, timeout=60))
+    assert code in allowed, (code, allowed, job_id[:80], force, timeout)
+    if own:
+        if code == OK:
+            assert response.state == pb.STOPPED
+        hostile.stub.Stop(pb.StopRequest(job_id=own, force=True), timeout=60)
+    hostile.still_serves()
+
+
+@settings(HOSTILE, max_examples=30)
+@given(job_id=JOB_IDS)
+@example(job_id="q" * (jobworker.MAX_REQUEST_BYTES - 5))      # a request of exactly 4 MiB: read, and refused as an id
+@example(job_id="q" * (jobworker.MAX_REQUEST_BYTES - 4))      # one byte more: refused unread
+def test_reliability_hostile_query_requests(hostile, job_id):
+    job_id = hostile.job_id(job_id)
+    request = pb.QueryRequest(job_id=job_id)
+    code, response = status_of(lambda: hostile.stub.Query(request, timeout=60))
+    assert code in id_outcome(hostile, request, job_id), (code, job_id[:80], request.ByteSize())
+    if code == OK:
+        assert response.job_id == job_id
+    hostile.still_serves()
+
+
+@settings(HOSTILE, max_examples=40)
+@given(job_id=st.one_of(JOB_IDS, st.just("@ended")), offset=OFFSETS)
+def test_reliability_hostile_stream_requests(hostile, job_id, offset):
+    job_id = hostile.job_id(job_id)
+    if job_id == hostile.running:
+        job_id = hostile.ended  # a running job's stream waits for output past its end, as `tail -f` does
+    request = pb.StreamRequest(job_id=job_id, offset=offset)
+    allowed = id_outcome(hostile, request, job_id)
+    size = sum(len(data) for _, data in hostile.ended_output)
+    if allowed == {OK} and offset > size:
+        allowed = {grpc.StatusCode.OUT_OF_RANGE}
+    code, messages = status_of(lambda: list(hostile.stub.Stream(request, timeout=60)))
+    assert code in allowed, (code, allowed, job_id[:80], offset)
+    if code == OK:
+        tagged = [(source, bytes([b])) for source, data in hostile.ended_output for b in data][offset:]
+        got = [(m.source, bytes([b])) for m in messages for b in m.data]
+        assert got == tagged and messages[-1].status.exit_code == 0
+    hostile.still_serves()
+
+
+def encode_varint(value):
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def parses(method, data):
+    try:
+        REQUEST_TYPES[method].FromString(data)
+        return True
+    except Exception:
+        return False
+
+
+INVALID_UTF8 = st.binary(min_size=1, max_size=20).filter(lambda b: not _is_utf8(b))
+
+
+def _is_utf8(data):
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+MALFORMED = st.one_of(
+    st.binary(max_size=40),                                                        # random bytes
+    INVALID_UTF8.map(lambda b: b"\x0a" + encode_varint(len(b)) + b),               # field 1 (command, job_id) not UTF-8
+    st.sampled_from([b"\x08", b"\x0a\x05ab", b"\x0a\xff\xff\xff\xff\x0f", b"\xff\xff", b"\x0b", b"\x00",
+                     b"\x12\x03\x09\x00\x00"]),  # truncated varint, length past the end, bad tag, field 0, bad group
+)
+
+
+@settings(HOSTILE, max_examples=30)
+@given(method=st.sampled_from(METHODS), data=MALFORMED)
+def test_reliability_malformed_requests_are_invalid_arguments(hostile, method, data):
+    assume(not parses(method, data))
+    if method == "Stream":
+        call = hostile.channel.unary_stream(f"/jobworker.v1.JobWorker/{method}")
+        code, _ = status_of(lambda: list(call(data, timeout=60)))
+    else:
+        call = hostile.channel.unary_unary(f"/jobworker.v1.JobWorker/{method}")
+        code, _ = status_of(lambda: call(data, timeout=60))
+    assert code == INVALID, f"{method} with {data!r}: {code}"
+    hostile.still_serves()
+
+
+@settings(HOSTILE, max_examples=20)
+@given(arguments=st.lists(st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=20), max_size=6))
+def test_reliability_unicode_arguments_reach_the_job_and_come_back_byte_exact(hostile, arguments):
+    command = ["printf", "%s\\n", *arguments]
+    response = hostile.stub.Start(pb.StartRequest(command=command), timeout=60)
+    assert list(response.status.command) == command
+    out, err, status = read_stream(hostile.stub, response.job_id)
+    assert out == b"".join(a.encode() + b"\n" for a in arguments or [""]) and status.exit_code == 0, err
+    assert list(hostile.stub.Query(pb.QueryRequest(job_id=response.job_id), timeout=60).command) == command
+
+
+def test_reliability_oversized_requests_are_refused_before_they_cost_memory(hostile):
+    huge = 64 * MiB
+    requests = {
+        "Start": pb.StartRequest(command=["true", "x" * (4 * huge)]),
+        "Stop": pb.StopRequest(job_id="s" * huge),
+        "Query": pb.QueryRequest(job_id="q" * huge),
+        "Stream": pb.StreamRequest(job_id="t" * huge),
+        "List": b"\x0a" + encode_varint(huge) + b"l" * huge,  # a field List does not know: read all the same
+    }
+    pid = hostile.server.proc.pid
+    with PeakWatch(pid) as watch:
+        for method, request in requests.items():
+            data = request if isinstance(request, bytes) else request.SerializeToString()
+            if method == "Stream":
+                call = hostile.channel.unary_stream(f"/jobworker.v1.JobWorker/{method}")
+                code, _ = status_of(lambda: list(call(data, timeout=60)))
+            else:
+                call = hostile.channel.unary_unary(f"/jobworker.v1.JobWorker/{method}")
+                code, _ = status_of(lambda: call(data, timeout=60))
+            assert code == RESOURCE_EXHAUSTED, (method, code)
+            hostile.still_serves()
+    growth = watch.hwm - watch.start.rss
+    assert growth <= OVERSIZE_MEMORY_SLACK, \
+        f"five requests of {huge >> 20} to {huge >> 18} MiB raised the peak memory by {growth / MiB:.0f} MiB"
+
+
+# -- identity ----------------------------------------------------------------------------------------------------------
+
+def subject_types(cert):
+    """The subject with each value's ASN.1 string type, as openssl prints it ("CN=UTF8STRING:ada,OU=...")."""
+    return subprocess.run(["openssl", "x509", "-in", cert, "-noout", "-subject", "-nameopt", "RFC2253,show_type"],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc(server, pki):
+    DENIED, UNAUTHENTICATED, HANDSHAKE = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                                          grpc.StatusCode.UNAVAILABLE)
+    everything = dict.fromkeys(METHODS, OK)
+    observes = {"Start": DENIED, "Stop": DENIED, "Query": OK, "Stream": OK, "List": OK}
+    every = lambda code: dict.fromkeys(METHODS, code)
+    now = time.time()
+    ca = pki._path("ca", "pem")
+    other = PKI(os.path.join(pki.dir, "matrix-other"))
+
+    def leaf(name, subject, mask="utf8only", **kwargs):
+        """A client certificate whose subject strings openssl encodes as `mask` allows (utf8only, pkix: Printable
+        where it can, MASK:0x800: BMPString, MASK:0x4: T61String)."""
+        config = os.path.join(pki.dir, f"matrix-{name}.cnf")
+        with open(config, "w") as f:
+            f.write(f"[req]\ndistinguished_name = dn\nstring_mask = {mask}\n[dn]\n")
+        return pki.leaf(f"matrix-{name}", subject, extra=("-config", config, "-utf8"), **kwargs)
+
+    def tls(credentials, encoding=None):
+        if encoding:
+            assert f"OU={encoding}:" in subject_types(credentials[0]), subject_types(credentials[0])
+        return lambda: (open_channel(server, credentials)[0], None)
+
+    def no_certificate():
+        with open(ca, "rb") as f:
+            return grpc.secure_channel(server.addr, grpc.ssl_channel_credentials(root_certificates=f.read())), None
+
+    def tls_1_2():
+        proxy = TLSProxy(server, "admin", ssl.TLSVersion.TLSv1_2)
+        return grpc.insecure_channel(proxy.addr), proxy.close
+
+    rows = [  # (who calls, how it connects, the outcome of each RPC, the identity its jobs get)
+        ("admin", tls(pki.roles["admin"], "UTF8STRING"), everything, "ada"),
+        ("user", tls(pki.roles["user"], "UTF8STRING"), everything, "alice"),
+        ("observer", tls(pki.roles["observer"], "UTF8STRING"), observes, None),
+        ("admin, PrintableString subject", tls(leaf("printable", "/O=jobworker/OU=admin/CN=pat", "pkix"),
+                                                "PRINTABLESTRING"), everything, "pat"),
+        ("user, BMPString subject, non-ASCII CN", tls(leaf("bmp", "/O=jobworker/OU=user/CN=Zoë", "MASK:0x800"),
+                                                       "BMPSTRING"), everything, "Zoë"),
+        ("observer, UTF8String CN beyond the BMP", tls(leaf("astral", "/O=jobworker/OU=observer/CN=Zoë 😀"),
+                                                        "UTF8STRING"), observes, None),
+        ("user, OU and CN in one multi-valued RDN", tls(leaf("multi", "/O=jobworker/OU=user+CN=mv")), everything, "mv"),
+        ("T61String subject (not decodable: refused)", tls(leaf("t61", "/O=jobworker/OU=admin/CN=tex", "MASK:0x4"),
+                                                            "T61STRING"), every(UNAUTHENTICATED), None),
+        ("no role", tls(leaf("norole", "/O=jobworker/CN=nora")), every(DENIED), None),
+        ("two roles", tls(leaf("two", "/O=jobworker/OU=user/OU=observer/CN=duo")), every(DENIED), None),
+        ("unknown role", tls(leaf("unknown", "/O=jobworker/OU=superuser/CN=sue")), every(DENIED), None),
+        ("a role in capitals", tls(leaf("caps", "/O=jobworker/OU=ADMIN/CN=cap")), every(DENIED), None),
+        ("no CN", tls(leaf("nocn", "/O=jobworker/OU=admin")), every(UNAUTHENTICATED), None),
+        ("signed by another CA", tls(other.leaf("matrix-stranger", "/O=jobworker/OU=admin/CN=mallory")),
+         every(HANDSHAKE), None),
+        ("expired", tls(pki.leaf("matrix-expired", "/O=jobworker/OU=admin/CN=old", start=now - 86400 * 10,
+                                 end=now - 86400)), every(HANDSHAKE), None),
+        ("not yet valid", tls(pki.leaf("matrix-future", "/O=jobworker/OU=admin/CN=new", start=now + 86400,
+                                       end=now + 86400 * 10)), every(HANDSHAKE), None),
+        ("the server's certificate", tls(pki.server), every(HANDSHAKE), None),
+        ("serverAuth-only certificate with an admin OU", tls(leaf("serverauth", "/O=jobworker/OU=admin/CN=srv",
+                                                                  usage="serverAuth")), every(HANDSHAKE), None),
+        ("no client certificate", no_certificate, every(HANDSHAKE), None),
+        ("plaintext", lambda: (grpc.insecure_channel(server.addr), None), every(HANDSHAKE), None),
+        ("admin over TLS 1.2", tls_1_2, every(UNAUTHENTICATED), None),
+    ]
+    admin = server.client("admin")
+    target = admin.start(["sh", "-c", "echo running; exec sleep 600"])  # another's job, for those that may not start
+    mismatches = []
+    for who, connect, expected, identity in rows:
+        channel, cleanup = connect()
+        stub = jobworker.pb_grpc.JobWorkerStub(channel)
+
+        def first_message(job_id):
+            call = stub.Stream(pb.StreamRequest(job_id=job_id), timeout=10)
+            try:
+                return next(call)
+            finally:
+                call.cancel()
+
+        try:
+            got = {}
+            got["Start"], started = status_of(lambda: stub.Start(pb.StartRequest(command=["true"]), timeout=10))
+            job_id = started.job_id if started else target
+            got["Query"], queried = status_of(lambda: stub.Query(pb.QueryRequest(job_id=job_id), timeout=10))
+            got["Stream"], _ = status_of(lambda: first_message(job_id))
+            got["List"], _ = status_of(lambda: stub.List(pb.ListRequest(), timeout=10))
+            got["Stop"], _ = status_of(lambda: stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=10))
+        finally:
+            channel.close()
+            if cleanup:
+                cleanup()
+        for method in METHODS:
+            if got[method] != expected[method]:
+                mismatches.append(f"{who}: {method} {got[method].name}, expected {expected[method].name}")
+        owners = {response.owner for response in (started and started.status, queried) if response}
+        if started and owners != {identity}:
+            mismatches.append(f"{who}: its job's owner is {owners}, expected {identity!r}")
+    assert admin.query(target).state == pb.RUNNING, "a caller without the right stopped another's job"
+    admin.stop(target, force=True)
+    assert not mismatches, "\n".join(mismatches)
