@@ -609,7 +609,28 @@ def test_subject_parser_refuses_malformed_der():
             jobworker.subject_attributes(memoryview(der))
 
 
-class TLSProxy:
+class LoopbackProxy:
+    """Listens on a loopback port and connects each client to `target`; subclasses relay what passes."""
+
+    def __init__(self, target):
+        self.target = target.rsplit(":", 1)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self._connected(client, socket.create_connection((self.target[0], int(self.target[1]))))
+
+    def _connected(self, client, upstream):
+        raise NotImplementedError  # each kind of proxy relays in its own way
+
+
+class TLSProxy(LoopbackProxy):
     """Plain TCP in on loopback, TLS out to the server with the client certificate, at a chosen TLS version.
 
     gRPC Python cannot choose its TLS version; Python's ssl can. A gRPC client speaks plaintext HTTP/2 to this proxy,
@@ -617,27 +638,18 @@ class TLSProxy:
     """
 
     def __init__(self, server, role, version):
-        self.target = server.addr.rsplit(":", 1)
         cert, key = server.pki.roles[role]
         self.context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=server.pki._path("ca", "pem"))
         self.context.load_cert_chain(cert, key)
         self.context.minimum_version = self.context.maximum_version = version
         self.context.set_alpn_protocols(["h2"])
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.versions = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(server.addr)
 
-    def _accept(self):
-        while True:
-            try:
-                plain, _ = self.listener.accept()
-            except OSError:
-                return
-            raw = socket.create_connection((self.target[0], int(self.target[1])))
-            tls = self.context.wrap_socket(raw, server_hostname="localhost")
-            self.versions.append(tls.version())
-            threading.Thread(target=self._relay, args=(plain, tls), daemon=True).start()
+    def _connected(self, plain, upstream):
+        tls = self.context.wrap_socket(upstream, server_hostname="localhost")
+        self.versions.append(tls.version())
+        threading.Thread(target=self._relay, args=(plain, tls), daemon=True).start()
 
     @staticmethod
     def _relay(plain, tls):
@@ -753,34 +765,29 @@ def test_cli_connection_flags_come_from_the_environment(server):
     assert result.stderr.decode().startswith("PERMISSION_DENIED: observers cannot start jobs")
 
 
-class CuttableProxy:
+class CuttableProxy(LoopbackProxy):
     """A TCP proxy on loopback whose connections the test can cut, to drop a client's stream mid-way."""
 
     def __init__(self, target):
-        self.target = target.rsplit(":", 1)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.connections, self.accepted = [], threading.Semaphore(0)
         self.relayed = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target)
 
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection((self.target[0], int(self.target[1])))
-            self.connections += [client, upstream]
-            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
-            self.accepted.release()
+    def _connected(self, client, upstream):
+        self.connections += [client, upstream]
+        threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+        self.accepted.release()
 
-    def _pipe(self, source, sink, count=False):
+    def _before_sending(self, from_server):
+        """A hook: what the proxy does before it passes data on."""
+
+    def _pipe(self, source, sink, from_server=False):
         try:
             while data := source.recv(65536):
+                self._before_sending(from_server)
                 sink.sendall(data)
-                if count:
+                if from_server:
                     self.relayed += len(data)
         except OSError:
             pass
@@ -1401,18 +1408,9 @@ class PausableProxy(CuttableProxy):
         self.flowing.set()
         super().__init__(target)
 
-    def _pipe(self, source, sink, count=False):
-        try:
-            while data := source.recv(65536):
-                if count:
-                    self.flowing.wait()
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+    def _before_sending(self, from_server):
+        if from_server:
+            self.flowing.wait()
 
     def close(self):
         """Goes away as a client process that dies does: its sockets closed with unread data, so the server gets a
