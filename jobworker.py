@@ -1935,7 +1935,11 @@ class Server:
         self.manager = JobManager(data_dir, sandbox, policy)
         self.audit = Audit(os.path.join(data_dir, "audit.log"))
         options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0),
-                   ("grpc.http2.bdp_probe", 0)]  # else a client's oversized request grows our receive window first
+                   ("grpc.http2.bdp_probe", 0),  # else a client's oversized request grows our receive window first
+                   # A client that vanished without closing its connection is found out within 20 s, and the call
+                   # (and the thread) it held is released.
+                   ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000),
+                   ("grpc.keepalive_permit_without_calls", 1)]
         self._grpc = grpc.server(ElasticExecutor(self.WORKERS), options=options, maximum_concurrent_rpcs=self.WORKERS)
         streams = self.WORKERS - self.RESERVED
         servicer = Servicer(self.manager, StreamSlots(streams, streams // 2))
