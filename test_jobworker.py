@@ -1102,7 +1102,7 @@ REPEAT_MEMORY_SLACK = 24 * MiB
 FAN_OUT_MEMORY_BOUND = 160 * MiB
 FAN_OUT_SIZE_SLACK = 32 * MiB
 OVERSIZE_MEMORY_SLACK = 8 * MiB
-SETTLE_SECONDS = 40
+SETTLE_SECONDS = 90  # a vanished peer is found out by keepalive (20 s), then its idle thread exits (5 s)
 
 
 class Figures(collections.namedtuple("Figures", "threads fds rss hwm")):
