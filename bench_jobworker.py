@@ -900,13 +900,7 @@ def scale_phase(results, monitor, server):
                     errors.append(f"{e.code().name}: {e.details()}")
 
     with monitor.phase(f"scale: start {SCALE_JOBS} jobs", [server.name]):
-        threads = [threading.Thread(target=starter, args=(c,)) for c in clients]
-        t0 = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        results["scale_start_s"] = time.perf_counter() - t0
+        results["scale_start_s"] = on_every_client(starter, clients)
     results["scale_start_errors"] = len(errors)
     if errors:
         results["scale_start_error"] = errors[0]
@@ -969,13 +963,7 @@ def scale_phase(results, monitor, server):
                     with lock:
                         stop_errors.append(f"{e.code().name}: {e.details()}")
 
-        threads = [threading.Thread(target=stopper, args=(c,)) for c in clients]
-        t0 = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        results["scale_stop_s"] = time.perf_counter() - t0
+        results["scale_stop_s"] = on_every_client(stopper, clients)
     results["scale_stop_errors"] = len(stop_errors)
     results["scale_stopped"] = sum(1 for s in stopped if s == pb.STOPPED)
     deadline = time.monotonic() + 10
@@ -990,6 +978,17 @@ def scale_phase(results, monitor, server):
         sum(1 for p in live_inits if descendants(p))
     if errors or stop_errors:
         log(f"  scale: {len(errors)} start errors, {len(stop_errors)} stop errors: {(errors + stop_errors)[0]}")
+
+
+def on_every_client(work, clients):
+    """Runs work(client) in a thread per client; returns the seconds until all are done."""
+    threads = [threading.Thread(target=work, args=(c,)) for c in clients]
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - t0
 
 
 def sleep_pss_baseline():

@@ -199,7 +199,7 @@ class LogReader:
         output_log = self._log
         output = os.open(os.path.join(output_log.directory, "output"), os.O_RDONLY | os.O_CLOEXEC)
         self._runs = os.open(os.path.join(output_log.directory, "runs"), os.O_RDONLY | os.O_CLOEXEC)
-        run = run_end = None  # the run that holds offset, and where it ends once the next one has begun
+        run = run_end = source = None  # the run that holds offset, its source, and its end once the next has begun
         try:
             while True:
                 with output_log.cond:
@@ -210,13 +210,14 @@ class LogReader:
                     size, runs = output_log.size, output_log.runs
                 if run is None:
                     run = self._find_run(runs)
+                if source is None:
+                    source = self._record(run)[1]  # once a run, not once a chunk
                 if run_end is None and run + 1 < runs:
                     run_end = self._record(run + 1)[0]
                 end = size if run_end is None else run_end
                 if self.offset >= end:
-                    run, run_end = run + 1, None
+                    run, run_end, source = run + 1, None, None
                     continue
-                source = self._record(run)[1]
                 data = os.pread(output, min(self._chunk, end - self.offset), self.offset)
                 yield source, self.offset, data
                 self.offset += len(data)

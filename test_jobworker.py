@@ -1966,6 +1966,15 @@ OFFSETS = st.one_of(st.integers(0, 16), st.integers(0, 2 ** 64 - 1), st.sampled_
     [2 ** 31 - 1, 2 ** 31, 2 ** 32, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1]))
 
 
+def raw_call(channel, method, data):
+    """The status code of `method` called with raw request bytes (a stream is read to its end)."""
+    if method == "Stream":
+        call = channel.unary_stream(f"/jobworker.v1.JobWorker/{method}")
+        return status_of(lambda: list(call(data, timeout=60)))[0]
+    call = channel.unary_unary(f"/jobworker.v1.JobWorker/{method}")
+    return status_of(lambda: call(data, timeout=60))[0]
+
+
 def status_of(call):
     """The status code of a call (and its response, if it succeeded)."""
     try:
@@ -2171,12 +2180,7 @@ MALFORMED = st.one_of(
 @given(method=st.sampled_from(METHODS), data=MALFORMED)
 def test_reliability_malformed_requests_are_invalid_arguments(hostile, method, data):
     assume(not parses(method, data))
-    if method == "Stream":
-        call = hostile.channel.unary_stream(f"/jobworker.v1.JobWorker/{method}")
-        code, _ = status_of(lambda: list(call(data, timeout=60)))
-    else:
-        call = hostile.channel.unary_unary(f"/jobworker.v1.JobWorker/{method}")
-        code, _ = status_of(lambda: call(data, timeout=60))
+    code = raw_call(hostile.channel, method, data)
     assert code == INVALID, f"{method} with {data!r}: {code}"
     hostile.still_serves()
 
@@ -2205,12 +2209,7 @@ def test_reliability_oversized_requests_are_refused_before_they_cost_memory(host
     with PeakWatch(pid) as watch:
         for method, request in requests.items():
             data = request if isinstance(request, bytes) else request.SerializeToString()
-            if method == "Stream":
-                call = hostile.channel.unary_stream(f"/jobworker.v1.JobWorker/{method}")
-                code, _ = status_of(lambda: list(call(data, timeout=60)))
-            else:
-                call = hostile.channel.unary_unary(f"/jobworker.v1.JobWorker/{method}")
-                code, _ = status_of(lambda: call(data, timeout=60))
+            code = raw_call(hostile.channel, method, data)
             assert code == RESOURCE_EXHAUSTED, (method, code)
             hostile.still_serves()
     growth = watch.hwm - watch.start.rss
