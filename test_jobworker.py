@@ -270,6 +270,19 @@ def test_parse_size():
             jobworker.parse_size(bad)
 
 
+def test_output_messages_are_the_bytes_protobuf_would_write():
+    """Streams serialize their output messages themselves (one copy fewer): they must be what protobuf writes."""
+    sizes = (1, 127, 128, 16383, 16384, jobworker.STREAM_CHUNK)
+    offsets = (0, 1, 127, 128, 300, 2 ** 32, 2 ** 63, 2 ** 64 - 1)
+    for source in (pb.StreamResponse.STDOUT, pb.StreamResponse.STDERR):
+        for size in sizes:
+            data = os.urandom(size)
+            for offset in offsets:
+                encoded = jobworker.encode_output(source, offset, data)
+                assert encoded == pb.StreamResponse(source=source, offset=offset, data=data).SerializeToString()
+                assert pb.StreamResponse.FromString(encoded) == pb.StreamResponse(source=source, offset=offset, data=data)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Jobs: start, stream, query, list, stop
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1105,15 +1118,20 @@ OVERSIZE_MEMORY_SLACK = 8 * MiB
 SETTLE_SECONDS = 90  # a vanished peer is found out by keepalive (20 s), then its idle thread exits (5 s)
 
 
-class Figures(collections.namedtuple("Figures", "threads fds rss hwm")):
-    """A process's threads, open descriptors, resident memory and peak resident memory (bytes), from /proc."""
+class Figures(collections.namedtuple("Figures", "threads fds rss hwm names", defaults=[()])):
+    """A process's threads, open descriptors, resident memory and peak resident memory (bytes), from /proc; and the
+    names of its threads (for the message when some are left behind)."""
 
 
 def figures_of(pid):
     with open(f"/proc/{pid}/status") as f:
         status = dict(line.split(":", 1) for line in f)
     kib = lambda key: int(status[key].split()[0]) * 1024
-    return Figures(len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd")), kib("VmRSS"), kib("VmHWM"))
+    names = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/comm") as f:
+            names.append(f.read().strip())
+    return Figures(len(names), len(os.listdir(f"/proc/{pid}/fd")), kib("VmRSS"), kib("VmHWM"), tuple(sorted(names)))
 
 
 def reset_peak_memory(pid):
@@ -1188,7 +1206,8 @@ def idle_server(pki, directory):
 
 
 def assert_back_to_idle(idle, after, what, memory_slack=IDLE_MEMORY_SLACK):
-    assert after.threads <= idle.threads, f"{what}: threads left behind ({idle.threads} idle, {after.threads} after)"
+    assert after.threads <= idle.threads, \
+        f"{what}: threads left behind ({idle.threads} idle: {idle.names}; {after.threads} after: {after.names})"
     assert after.fds <= idle.fds, f"{what}: descriptors left behind ({idle.fds} idle, {after.fds} after)"
     assert after.rss <= idle.rss + memory_slack, \
         f"{what}: memory not given back ({idle.rss / MiB:.0f} MiB idle, {after.rss / MiB:.0f} MiB after)"
