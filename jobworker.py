@@ -803,7 +803,11 @@ class Launcher:
             self._changed.notify_all()
 
     def _fill(self):
-        """The pool's own thread: keeps POOL inits ready."""
+        """The pool's own thread: keeps POOL inits ready.
+
+        It orders every missing init before it waits for the first: the launcher forks the next while the last one
+        prepares, so a pool emptied by a burst of Starts fills again faster than one init at a time would.
+        """
         name_this_thread()
         while True:
             with self._changed:
@@ -811,20 +815,30 @@ class Launcher:
                     self._changed.wait()
                 if self._closed:
                     return
+                missing = self.POOL - len(self._ready)
+            ordered, failure = [], None
             try:
-                slot = self._make()
-            except JobError as e:  # reported to the Start that waits; tried again at the next Start
-                log.error("cannot prepare a job's init: %s", e)
+                for _ in range(missing):
+                    ordered.append(self._order())
+            except Exception as e:
+                failure = _unexpected(e)
+            for slot in ordered:
+                try:
+                    self._await_ready(slot)
+                except Exception as e:
+                    failure = _unexpected(e)
+                    continue
                 with self._changed:
-                    self._failure = e
+                    self._ready.append(slot)
                     self._changed.notify_all()
-                continue
-            with self._changed:
-                self._ready.append(slot)
-                self._changed.notify_all()
+            if failure:  # reported to the Start that waits; tried again at the next Start
+                log.error("cannot prepare a job's init: %s", failure)
+                with self._changed:
+                    self._failure = failure
+                    self._changed.notify_all()
 
-    def _make(self):
-        """Has the launcher fork an init into a new cgroup and namespaces; returns it once it is ready."""
+    def _order(self):
+        """Has the launcher fork an init into a new cgroup and namespaces; returns its slot, the init on its way."""
         sandbox = self.sandbox
         slot = InitSlot()
         with contextlib.ExitStack() as undo:
@@ -838,6 +852,13 @@ class Launcher:
                 self._send(request, [theirs.fileno()])
             finally:
                 theirs.close()  # the launcher has its own copy now
+            undo.pop_all()
+        return slot
+
+    def _await_ready(self, slot):
+        """Waits for an ordered init to be ready; discards it if it cannot be."""
+        with contextlib.ExitStack() as undo:
+            undo.callback(self._discard, slot)
             slot.channel.settimeout(30)
             try:  # the init's first words: its own pidfd, then that it is ready (or why not)
                 message, fds, _, _ = socket.recv_fds(slot.channel, 65536, 1)
@@ -849,7 +870,6 @@ class Launcher:
             slot.pid = _pid_of(slot.pidfd)
             self._expect(slot, "ready", None)
             undo.pop_all()
-        return slot
 
     @staticmethod
     def _expect(slot, word, command):
@@ -1023,6 +1043,14 @@ def _child_of(pid):
     except OSError:
         return None
     return int(children[0]) if children else None
+
+
+def _unexpected(error):
+    """A JobError as it is; anything else (a bug) logged in full and reported as INTERNAL, so no Start waits forever."""
+    if isinstance(error, JobError):
+        return error
+    log.error("unexpected error", exc_info=error)
+    return JobError("INTERNAL", f"unexpected error: {error!r}")
 
 
 def _start_error(message, command):
