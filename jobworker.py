@@ -116,6 +116,7 @@ class OutputLog:
     what the disk has taken and every reader has read is dropped from memory. A job that writes 100 GB does not push
     the host's own files out of memory, and its writes land in pages just freed rather than in memory touched for the
     first time (which, in a virtual machine, can cost the host a fault per page). A reader far behind reads the disk.
+    On a disk slower than the job's output the pump waits for the disk, as it would for the kernel's own writeback.
     """
 
     RUN = struct.Struct("<QB")  # the offset where a run begins, and its source (STDOUT or STDERR)
@@ -169,14 +170,16 @@ class OutputLog:
         return count
 
     def _leave_behind(self, slowest):
-        # What was handed to the disk one step ago has been written by now (pages still in flight are simply kept).
+        # What was handed to the disk one step ago is written by now, on any disk that keeps up with the job; pages
+        # still being written are kept (and stay until memory is needed): this is a hint, never worth a job's output.
         done = self._written_back
         _libc.sync_file_range(self._output, ctypes.c_int64(done), ctypes.c_int64(self.size - done),
                               SYNC_FILE_RANGE_WRITE)
         self._written_back = self.size
         until = min(done, slowest) & ~(PAGE_SIZE - 1)
         if until > self._kept_from:
-            os.posix_fadvise(self._output, self._kept_from, until - self._kept_from, os.POSIX_FADV_DONTNEED)
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._output, self._kept_from, until - self._kept_from, os.POSIX_FADV_DONTNEED)
             self._kept_from = until
 
     def close(self):
@@ -329,7 +332,7 @@ CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
 PR_SET_PDEATHSIG, PR_SET_NAME, PR_SET_CHILD_SUBREAPER = 1, 15, 36
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-F_SETPIPE_SZ = 1031
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 NAMESPACES = {"pid": CLONE_NEWPID, "mount": CLONE_NEWNS, "network": CLONE_NEWNET}
 
 
@@ -1010,6 +1013,11 @@ def _enlarge_pipe(fd, size=1 << 20):
         pass  # over the host's pipe limits: a smaller pipe only costs throughput
 
 
+def _pipe_size(fd):
+    import fcntl
+    return fcntl.fcntl(fd, F_GETPIPE_SZ)
+
+
 def _say(channel_fd, message):
     """One message on a job's channel (a SOCK_SEQPACKET socket); a peer that has gone is no error."""
     try:
@@ -1054,6 +1062,8 @@ def _unexpected(error):
 
 
 def _start_error(message, command):
+    if "error" not in message:  # the channel closed with nothing said: the init (or the launcher) died
+        return JobError("INTERNAL", "the job's init went away before it said why")
     code = message["error"]
     if message.get("stage") == "exec":
         if code in (errno.EAGAIN, errno.ENOMEM):
@@ -1155,6 +1165,7 @@ class Init:
                 _loopback_up()
             if not self.pid_ns:
                 prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come to us, not to the host's init
+            stage = "priority"
             if os.geteuid() == 0:  # made at the launcher's lower priority; from here on, a Start waits for us
                 os.setpriority(os.PRIO_PROCESS, 0, 0)
         except OSError as e:
@@ -1364,14 +1375,16 @@ class OutputPump(threading.Thread):
     def __init__(self):
         super().__init__(name="output-pump", daemon=True)
         self._epoll = select.epoll()
-        self._watched = {}  # fd -> (job, part, source); source is None for the init's pidfd
+        self._watched = {}  # fd -> (job, part, source, rests below); source is None for the init's pidfd
         self._resting = {}  # fd -> when it is watched again
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._epoll.register(self._stop_r, select.EPOLLIN)
 
     def watch(self, job, out_r, err_r):
         for fd, part, source in ((out_r, "stdout", STDOUT), (err_r, "stderr", STDERR), (job.process.pidfd, "init", None)):
-            self._watched[fd] = (job, part, source)
+            # A pipe that could not be enlarged rests only when it is less than half full (else it would cap the job)
+            small = 0 if source is None else min(self.BATCH, _pipe_size(fd) // 2)
+            self._watched[fd] = (job, part, source, small)
             self._epoll.register(fd, select.EPOLLIN)
 
     def run(self):
@@ -1381,12 +1394,12 @@ class OutputPump(threading.Thread):
             for fd, _ in self._epoll.poll(timeout):
                 if fd == self._stop_r:
                     return
-                job, part, source = self._watched[fd]
+                job, part, source, small = self._watched[fd]
                 try:
                     if source is not None:
                         taken = job.log.take_from(source, fd, self.READ_SIZE)
                         if taken:
-                            if taken < self.BATCH:
+                            if taken < small:
                                 self._epoll.modify(fd, 0)
                                 self._resting[fd] = time.monotonic() + self.QUIET
                             continue
@@ -1861,7 +1874,8 @@ def _varint(n):
 
 
 def encode_output(source, offset, data):
-    """A StreamResponse carrying output, serialized: the same bytes as pb.StreamResponse(...).SerializeToString().
+    """A StreamResponse carrying (non-empty) output, serialized: the bytes pb.StreamResponse(...).SerializeToString()
+    would be.
 
     Streams spend their time copying: a message object would take a copy of every chunk and serializing it another;
     this takes one. Fields in number order, zero values left out, as protobuf writes them (a test holds it to that).
