@@ -163,15 +163,16 @@ class OutputLog:
         with self.cond:  # readers see the bytes and their run only now, once both are in the files
             self.size += count
             self.runs += new_run
-            slowest = min((reader.offset for reader in self.readers), default=self.size)
             self.cond.notify_all()
         if self.size - self._written_back >= self.WRITE_BEHIND:
-            self._leave_behind(slowest)
+            self._leave_behind()
         return count
 
-    def _leave_behind(self, slowest):
+    def _leave_behind(self):
         # What was handed to the disk one step ago is written by now, on any disk that keeps up with the job; pages
         # still being written are kept (and stay until memory is needed): this is a hint, never worth a job's output.
+        with self.cond:
+            slowest = min((reader.offset for reader in self.readers), default=self.size)
         done = self._written_back
         _libc.sync_file_range(self._output, ctypes.c_int64(done), ctypes.c_int64(self.size - done),
                               SYNC_FILE_RANGE_WRITE)
@@ -1383,8 +1384,8 @@ class OutputPump(threading.Thread):
     def watch(self, job, out_r, err_r):
         for fd, part, source in ((out_r, "stdout", STDOUT), (err_r, "stderr", STDERR), (job.process.pidfd, "init", None)):
             # A pipe that could not be enlarged rests only when it is less than half full (else it would cap the job)
-            small = 0 if source is None else min(self.BATCH, _pipe_size(fd) // 2)
-            self._watched[fd] = (job, part, source, small)
+            rest_below = 0 if source is None else min(self.BATCH, _pipe_size(fd) // 2)
+            self._watched[fd] = (job, part, source, rest_below)
             self._epoll.register(fd, select.EPOLLIN)
 
     def run(self):
@@ -1394,15 +1395,14 @@ class OutputPump(threading.Thread):
             for fd, _ in self._epoll.poll(timeout):
                 if fd == self._stop_r:
                     return
-                job, part, source, small = self._watched[fd]
+                job, part, source, rest_below = self._watched[fd]
                 try:
-                    if source is not None:
-                        taken = job.log.take_from(source, fd, self.READ_SIZE)
-                        if taken:
-                            if taken < small:
-                                self._epoll.modify(fd, 0)
-                                self._resting[fd] = time.monotonic() + self.QUIET
-                            continue
+                    taken = source is not None and job.log.take_from(source, fd, self.READ_SIZE)
+                    if taken:
+                        if taken < rest_below:
+                            self._epoll.modify(fd, 0)
+                            self._resting[fd] = time.monotonic() + self.QUIET
+                        continue
                 except OSError as e:  # the disk is full, say: the job's writes now fail (EPIPE) and it ends
                     log.error("job %s: cannot keep its %s: %s", job.id, part, e)
                 self._epoll.unregister(fd)
