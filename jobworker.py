@@ -18,6 +18,7 @@ import collections
 import contextlib
 import ctypes
 import errno
+import fcntl
 import gc
 import importlib
 import json
@@ -334,6 +335,7 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40
 PR_SET_PDEATHSIG, PR_SET_NAME, PR_SET_CHILD_SUBREAPER = 1, 15, 36
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
+JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # where a job's commands are looked for
 NAMESPACES = {"pid": CLONE_NEWPID, "mount": CLONE_NEWNS, "network": CLONE_NEWNET}
 
 
@@ -764,8 +766,6 @@ class Launcher:
             undo.callback(os.close, out_r)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
             undo.callback(os.close, err_r)
-            for fd in (out_r, err_r):
-                _enlarge_pipe(fd)
             job = {"command": command, "env": sandbox.environment, "cwd": "/", "uid": sandbox.uid, "gid": sandbox.gid}
             spec = os.memfd_create("job", os.MFD_CLOEXEC)  # a command line of any size, in one message
             try:
@@ -1003,20 +1003,6 @@ def _fork(own_pid_ns=None):
         if pid != 0:
             setns(own_pid_ns, CLONE_NEWPID)
     return pid
-
-
-def _enlarge_pipe(fd, size=1 << 20):
-    """Fewer, larger reads for a job that writes a lot."""
-    import fcntl
-    try:
-        fcntl.fcntl(fd, F_SETPIPE_SZ, size)
-    except OSError:
-        pass  # over the host's pipe limits: a smaller pipe only costs throughput
-
-
-def _pipe_size(fd):
-    import fcntl
-    return fcntl.fcntl(fd, F_GETPIPE_SZ)
 
 
 def _say(channel_fd, message):
@@ -1272,8 +1258,13 @@ class Init:
 
 
 def _children(pid):
+    """The pids of a process's children (none if it is gone)."""
     children = []
-    for task in os.listdir(f"/proc/{pid}/task"):
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for task in tasks:
         try:
             children += [int(c) for c in _read(f"/proc/{pid}/task/{task}/children").split()]
         except OSError:
@@ -1282,7 +1273,6 @@ def _children(pid):
 
 
 def _loopback_up():
-    import fcntl
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         request = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, request))[1]
@@ -1328,7 +1318,7 @@ class Sandbox:
         if os.geteuid() != 0 and user.pw_uid != os.geteuid():
             raise SystemExit(f"jobworker: --run-as {run_as} needs the server to run as root")
         self.user, self.uid, self.gid = user.pw_name, user.pw_uid, user.pw_gid
-        self.environment = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        self.environment = {"PATH": JOB_PATH,
                             "HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name,
                             "SHELL": "/bin/sh", "LANG": "C.UTF-8"}
         log.info("isolation %s: cgroup %s (%s), namespaces %s, jobs run as %s", mode,
@@ -1360,6 +1350,14 @@ def _namespaces_available():
 # Job manager
 # ---------------------------------------------------------------------------------------------------------------------
 
+def _enlarge_pipe(fd, size=1 << 20):
+    """Fewer, larger reads for a job that writes a lot; returns the pipe's size."""
+    try:
+        return fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+    except OSError:  # over the host's pipe limits: a smaller pipe only costs throughput
+        return fcntl.fcntl(fd, F_GETPIPE_SZ)
+
+
 class OutputPump(threading.Thread):
     """One thread that moves every job's output from its pipes into its log, and notices when each init has exited.
 
@@ -1384,7 +1382,7 @@ class OutputPump(threading.Thread):
     def watch(self, job, out_r, err_r):
         for fd, part, source in ((out_r, "stdout", STDOUT), (err_r, "stderr", STDERR), (job.process.pidfd, "init", None)):
             # A pipe that could not be enlarged rests only when it is less than half full (else it would cap the job)
-            rest_below = 0 if source is None else min(self.BATCH, _pipe_size(fd) // 2)
+            rest_below = 0 if source is None else min(self.BATCH, _enlarge_pipe(fd) // 2)
             self._watched[fd] = (job, part, source, rest_below)
             self._epoll.register(fd, select.EPOLLIN)
 
@@ -1978,15 +1976,15 @@ class ElasticExecutor:
 
     def __init__(self, workers, idle=5.0):
         import queue
-        self._queue, self._empty = queue.SimpleQueue(), queue.Empty
+        from concurrent.futures import Future
+        self._queue, self._empty, self._future = queue.SimpleQueue(), queue.Empty, Future
         self._workers, self._idle_timeout = workers, idle
         self._lock = threading.Lock()
         self._threads = self._idle = self._pending = 0
         self._closed = False
 
     def submit(self, fn, *args, **kwargs):
-        from concurrent.futures import Future
-        future = Future()
+        future = self._future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("the executor is shut down")
@@ -2038,17 +2036,20 @@ class StreamSlots:
 
     def __init__(self, total, per_caller):
         self.total, self.per_caller = total, per_caller
-        self._open = {}
+        self._open = {}  # identity -> its streams open
+        self._all = 0
         self._lock = threading.Lock()
 
     def take(self, identity):
         with self._lock:
-            if sum(self._open.values()) >= self.total or self._open.get(identity, 0) >= self.per_caller:
+            if self._all >= self.total or self._open.get(identity, 0) >= self.per_caller:
                 raise JobError("RESOURCE_EXHAUSTED", "too many streams open; close some and try again")
             self._open[identity] = self._open.get(identity, 0) + 1
+            self._all += 1
 
     def give_back(self, identity):
         with self._lock:
+            self._all -= 1
             self._open[identity] -= 1
             if not self._open[identity]:
                 del self._open[identity]
