@@ -143,19 +143,7 @@ def reset_hwm(pid):
         return False
 
 
-def children(pid):
-    found = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return found
+children = jobworker._children
 
 
 def descendants(pid):
@@ -168,21 +156,21 @@ def descendants(pid):
 
 
 def proc_stat(pid):
-    """(state, ppid, start time in ticks) of a process, or None if it is gone."""
+    """(state, start time in ticks) of a process, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[19])
+    return fields[0], int(fields[19])
 
 
 def alive(identity):
     """Whether (pid, start time) still names a live process (not a zombie, not a reused pid)."""
     pid, started = identity
     stat = proc_stat(pid)
-    return stat is not None and stat[2] == started and stat[0] != "Z"
+    return stat is not None and stat[1] == started and stat[0] != "Z"
 
 
 def identities(pids):
@@ -190,7 +178,7 @@ def identities(pids):
     for pid in pids:
         stat = proc_stat(pid)
         if stat is not None:
-            result.append((pid, stat[2]))
+            result.append((pid, stat[1]))
     return result
 
 
@@ -361,10 +349,10 @@ SERVER_WRAPPER = ("import ctypes, os, signal, sys\n"
                   "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n")
 
 
-def die_with_parent(sig=signal.SIGKILL):
-    """The calling process gets `sig` when the bench (the thread that started it) goes away."""
+def die_with_parent():
+    """The calling process is killed when the bench (the thread that started it) goes away."""
     import ctypes
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 def read_line(process, timeout, what):
@@ -407,7 +395,7 @@ class ServerProcess:
         try:
             line = read_line(self.process, 60, f"server {self.name}")
         except BenchError as e:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)  # the server and its launcher (its own session)
             self.process.wait()
             raise BenchError(f"{e}; its log ends with:\n{self.log_tail()}") from None
         if not line.startswith("listening on port "):
@@ -524,8 +512,10 @@ def ceiling_server_main(cert_dir):
 
     For the fairest comparison the messages are the service's own type, pb.StreamResponse with data of STREAM_CHUNK
     bytes (and a last one with a status), serialized by gRPC with the same protobuf code; the request is the byte
-    count as text, with identity (de)serialization. Same credentials (mutual TLS, client certificate required), same
-    server options and thread pool as the service; nothing else is in the path: no job, no file, no authorization.
+    count as text, with identity (de)serialization. Same credentials (mutual TLS, client certificate required) and
+    message-size and port options as the service; not its keepalive (it never fires in a stream this short) nor its
+    elastic thread pool (a stream holds one thread in either). Nothing else is in the path: no job, no file, no
+    authorization.
     """
     from concurrent import futures
     die_with_parent()
@@ -546,8 +536,7 @@ def ceiling_server_main(cert_dir):
     handler = grpc.method_handlers_generic_handler("bench.Ceiling", {
         "Stream": grpc.unary_stream_rpc_method_handler(
             stream, request_deserializer=None, response_serializer=pb.StreamResponse.SerializeToString)})
-    options = [("grpc.max_receive_message_length", getattr(jobworker, "MAX_REQUEST_BYTES", 4 << 20)),
-               ("grpc.so_reuseport", 0)]  # as the service's
+    options = [("grpc.max_receive_message_length", jobworker.MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="rpc"), options=options,
                          maximum_concurrent_rpcs=256)
     server.add_generic_rpc_handlers((handler,))
@@ -561,11 +550,8 @@ def ceiling_server_main(cert_dir):
 
 
 def ceiling_call(channel):
-    kwargs = {"request_serializer": None, "response_deserializer": pb.StreamResponse.FromString}
-    try:
-        return channel.unary_stream(CEILING_METHOD, _registered_method=True, **kwargs)  # as the generated stub does
-    except TypeError:
-        return channel.unary_stream(CEILING_METHOD, **kwargs)
+    return channel.unary_stream(CEILING_METHOD, request_serializer=None, _registered_method=True,  # as the stubs do
+                                response_deserializer=pb.StreamResponse.FromString)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -972,10 +958,10 @@ def scale_phase(results, monitor, server):
     launcher = server.launcher_pid()
     # Inits still under the launcher with something under them are leftovers; inits with nothing under them are the
     # few the server keeps ready for the next Starts (jobworker.Launcher.POOL), not jobs.
-    live_inits = [p for p in children(launcher) if proc_stat(p) and proc_stat(p)[0] != "Z"] if launcher else []
-    results["scale_ready_inits"] = sum(1 for p in live_inits if not descendants(p))
-    results["scale_processes_left"] = sum(1 for i in command_pids if alive(i)) + \
-        sum(1 for p in live_inits if descendants(p))
+    live_inits = [p for p in children(launcher) if (stat := proc_stat(p)) and stat[0] != "Z"] if launcher else []
+    busy_inits = sum(1 for p in live_inits if descendants(p))
+    results["scale_ready_inits"] = len(live_inits) - busy_inits
+    results["scale_processes_left"] = sum(1 for i in command_pids if alive(i)) + busy_inits
     if errors or stop_errors:
         log(f"  scale: {len(errors)} start errors, {len(stop_errors)} stop errors: {(errors + stop_errors)[0]}")
 
