@@ -127,10 +127,13 @@ class Server:
         line = self.proc.stdout.readline().decode()
         match = re.match(r"listening on port (\d+)", line)
         if not match:
-            self.proc.wait(timeout=10)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+            self._end()
             raise RuntimeError(f"server did not start: {line!r} {self.read_log()}")
         self.addr = f"127.0.0.1:{match.group(1)}"
         self._clients = []
+        SERVERS.append(self)
 
     def read_log(self):
         with open(self.log_path, "rb") as f:
@@ -157,11 +160,36 @@ class Server:
         try:
             code = self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            subprocess.run([os.path.join(os.path.dirname(sys.executable), "py-spy"), "dump", "--pid", str(self.proc.pid)])
+            with contextlib.suppress(OSError):  # where each thread is stuck, if py-spy is installed
+                subprocess.run([os.path.join(os.path.dirname(sys.executable), "py-spy"), "dump", "--pid",
+                                str(self.proc.pid)])
             raise
+        finally:
+            self._end()
+        return code
+
+    def _end(self):
+        """Kills the server if it still runs (its jobs die with it) and closes what we hold of it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         self.proc.stdout.close()
         self.log.close()
-        return code
+
+
+SERVERS = []  # every Server started, so that none outlives the test that started it
+
+
+@pytest.fixture(autouse=True)
+def no_server_left_behind():
+    """Stops the servers a test started and did not stop (it failed before its own cleanup, say)."""
+    before = len(SERVERS)
+    yield
+    for left in SERVERS[before:]:
+        if left.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                left.stop()
+    del SERVERS[before:]
 
 
 @pytest.fixture(scope="session")
@@ -1097,8 +1125,8 @@ def test_cgroup_v2_path_places_kills_and_removes_job_groups(pki, tmp_path):
 # figures (threads, descriptors and resident memory before, at the peak and after each scenario).
 #
 # Bounds stated here (MiB = 2^20 bytes):
-# - after a scenario the server's threads and descriptors are back to their idle level, exactly (polled for up to 40 s:
-#   the RPC pool lets an idle thread go after 5 s);
+# - after a scenario the server's threads and descriptors are back to their idle level, exactly (polled for up to
+#   SETTLE_SECONDS: the RPC pool lets an idle thread go after 5 s);
 # - its resident memory is back within IDLE_MEMORY_SLACK of idle after a scenario with up to 200 calls at once, and
 #   within BURST_MEMORY_SLACK after one with 480 (the allocator keeps some freed memory for reuse: it plateaus after
 #   a round or two and does not grow with the number of rounds); a repeated round adds no more than
@@ -1123,15 +1151,17 @@ class Figures(collections.namedtuple("Figures", "threads fds rss hwm names", def
     names of its threads (for the message when some are left behind)."""
 
 
-def figures_of(pid):
+def figures_of(pid, names=True):
+    """Figures of a process; without its threads' names if not asked (PeakWatch samples every few milliseconds)."""
     with open(f"/proc/{pid}/status") as f:
         status = dict(line.split(":", 1) for line in f)
     kib = lambda key: int(status[key].split()[0]) * 1024
-    names = []
-    for task in os.listdir(f"/proc/{pid}/task"):
+    tasks = os.listdir(f"/proc/{pid}/task")
+    thread_names = []
+    for task in tasks if names else ():
         with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/comm") as f:
-            names.append(f.read().strip())
-    return Figures(len(names), len(os.listdir(f"/proc/{pid}/fd")), kib("VmRSS"), kib("VmHWM"), tuple(sorted(names)))
+            thread_names.append(f.read().strip())
+    return Figures(len(tasks), len(os.listdir(f"/proc/{pid}/fd")), kib("VmRSS"), kib("VmHWM"), tuple(sorted(thread_names)))
 
 
 def reset_peak_memory(pid):
@@ -1149,7 +1179,7 @@ class PeakWatch:
         self.threads = self.fds = self.hwm = 0
 
     def _sample(self):
-        figures = figures_of(self.pid)
+        figures = figures_of(self.pid, names=False)
         self.threads, self.fds = max(self.threads, figures.threads), max(self.fds, figures.fds)
         self.hwm = max(self.hwm, figures.hwm)
 
@@ -1159,7 +1189,7 @@ class PeakWatch:
 
     def __enter__(self):
         reset_peak_memory(self.pid)
-        self.start = figures_of(self.pid)
+        self.start = figures_of(self.pid, names=False)
         self._sample()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -1927,7 +1957,6 @@ def test_reliability_a_server_with_bad_configuration_exits_at_once_with_a_clear_
 
 # -- hostile input -----------------------------------------------------------------------------------------------------
 
-JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the PATH a job gets
 SAFE_PROGRAMS = {"true", "echo"}  # what generated commands may run (names that would run anything else are left out)
 METHODS = ("Start", "Stop", "Query", "Stream", "List")
 REQUEST_TYPES = {"Start": pb.StartRequest, "Stop": pb.StopRequest, "Query": pb.QueryRequest,
@@ -1941,7 +1970,8 @@ HOSTILE = settings(deadline=None, derandomize=True, database=None,
 
 def resolve_program(name):
     """The file a job's exec would run for `name` (its PATH, its working directory /), or None."""
-    candidates = [os.path.join("/", name)] if "/" in name else [os.path.join(d, name) for d in JOB_PATH.split(":")]
+    candidates = [os.path.join("/", name)] if "/" in name else \
+        [os.path.join(d, name) for d in jobworker.JOB_PATH.split(":")]
     for path in candidates:
         with contextlib.suppress(ValueError, OSError):
             if os.path.isfile(path) and os.access(path, os.X_OK):
@@ -1952,11 +1982,6 @@ def resolve_program(name):
 def harmless(name):
     found = "\0" not in name and resolve_program(name)
     return not found or os.path.basename(found) in SAFE_PROGRAMS
-
-
-def memory_total():
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
 
 
 TEXT = st.text(st.characters(codec="utf-8"), max_size=30)  # any unicode ('\0' too) but lone surrogates: not UTF-8
@@ -2072,7 +2097,7 @@ def start_outcome(hostile, request):
     if not command or not command[0] or any("\0" in arg for arg in command):
         return {INVALID}
     cores = limits.cpu_cores
-    invalid = (not math.isfinite(cores) or cores < 0 or cores > os.cpu_count() or limits.memory_bytes > memory_total()
+    invalid = (not math.isfinite(cores) or cores < 0 or cores > os.cpu_count() or limits.memory_bytes > jobworker._memory_total()
                or 0 < limits.memory_bytes < 4 * MiB or limits.pids > 32768)
     unavailable = any(getattr(limits, name) for name in hostile.unavailable)
     if invalid or unavailable:
