@@ -624,18 +624,30 @@ class CgroupV1(Cgroups):
 
 
 class JobProcess:
-    """The server's handle on a running job: the control channel to its init, the init's pidfd, and its cgroup."""
+    """The server's handle on a running job: the control channel to its init, the init's pidfd, and its cgroup.
 
-    def __init__(self, channel, pidfd, pid, cgroups, group, applied, namespaces, mode, user):
-        self.channel, self.pidfd, self.pid = channel, pidfd, pid
-        self._cgroups, self._group, self._applied = cgroups, group, applied
-        self._namespaces, self._mode, self._user = namespaces, mode, user
-        self._lock = threading.Lock()  # a kill must not race the removal of the cgroup it kills through
+    An init without namespaces or a cgroup of its own can run job after job (`take_back` returns it to the pool once
+    its job has ended): from then on the handle says nothing more to it, as it may already be running another job.
+    """
+
+    def __init__(self, slot, pid, sandbox, applied, take_back=None):
+        self.channel, self.pidfd, self.init_pid, self.pid = slot.channel, slot.pidfd, slot.pid, pid
+        self._group, self._applied, self._sandbox = slot.group, applied, sandbox
+        self._take_back = take_back
+        self._lock = threading.Lock()  # what is said to the init, or done to the cgroup, must not race finish()
         self._final_usage = None
+
+    @property
+    def end_fd(self):
+        """What becomes readable once the init is done with the job: its channel, where an init that runs another job
+        reports how this one ended, or else its pidfd, as it exits (after which its cgroup can go)."""
+        return self.channel.fileno() if self._take_back else self.pidfd
 
     def signal(self, sig):
         """Asks the init to send `sig` to every process of the job."""
-        self._tell({"signal": int(sig)})
+        with self._lock:
+            if self._final_usage is None:
+                self._tell({"signal": int(sig)})
 
     def kill(self):
         """SIGKILL to every process of the job: through the cgroup, then through the init."""
@@ -644,7 +656,7 @@ class JobProcess:
                 return  # already over
             if self._group:
                 try:
-                    self._cgroups.kill(self._group)
+                    self._sandbox.cgroups.kill(self._group)
                 except OSError as e:
                     log.warning("cgroup kill of job %s: %s", os.path.basename(self._group[0]), e)
             self._tell({"kill": True})
@@ -659,15 +671,15 @@ class JobProcess:
         if self._final_usage is not None:
             return self._final_usage
         try:
-            return self._cgroups.usage(self._group) if self._group else {}
+            return self._sandbox.cgroups.usage(self._group) if self._group else {}
         except OSError:
             return {}
 
     def finish(self):
-        """Called once the init has exited: reads its last report, then removes the job's cgroup."""
-        outcome = Outcome(sig=signal.SIGKILL)  # no report: the init itself was killed (cgroup kill, OOM)
+        """Called once the init is done with the job (end_fd): reads its report, then releases the init and cgroup."""
+        outcome, failed = None, False  # no report: the init itself was killed (cgroup kill, OOM)
         self.channel.setblocking(False)
-        while True:
+        while outcome is None:
             try:
                 message = self.channel.recv(65536)
             except ConnectionResetError:
@@ -684,28 +696,39 @@ class JobProcess:
                 outcome = Outcome(exit_code=message["exit"])
             elif "signal" in message:
                 outcome = Outcome(sig=message["signal"])
+            elif "error" in message:
+                failed = True  # the init itself failed, and is on its way out
         with self._lock:
+            reusable = outcome is not None and self._take_back and not failed
+            outcome = outcome or Outcome(sig=signal.SIGKILL)
             outcome.usage = self._final_usage = self.usage()
-            self.channel.close()
+            if reusable:
+                self.channel.setblocking(True)
+                self._take_back(self.channel, self.pidfd, self.init_pid)
+            else:
+                self.channel.close()
+                os.close(self.pidfd)
             if self._group:
                 try:
-                    self._cgroups.remove(self._group)
+                    self._sandbox.cgroups.remove(self._group)
                 except OSError as e:
                     log.error("cannot remove the cgroup of job %s: %s", os.path.basename(self._group[0]), e)
         return outcome
 
     def isolation(self):
-        return pb.Isolation(mode=self._mode, cgroup=self._cgroups.version if self._group else "",
-                            namespaces=self._namespaces, limits=pb.Limits(**self._applied), user=self._user)
+        sandbox = self._sandbox
+        return pb.Isolation(mode=sandbox.mode, cgroup=sandbox.cgroups.version if self._group else "",
+                            namespaces=sandbox.namespaces, limits=pb.Limits(**self._applied), user=sandbox.user)
 
 
 class InitSlot:
     """Everything a job needs before its command, made ahead of time: its id, its (empty) output log, and its init,
     in a cgroup (named for the id) and namespaces of its own, waiting on its channel for a command."""
 
-    def __init__(self):
+    def __init__(self, channel=None, pidfd=None, pid=None):
         self.id = str(uuid.uuid4())
-        self.log = self.channel = self.pidfd = self.pid = self.group = None
+        self.channel, self.pidfd, self.pid = channel, pidfd, pid
+        self.log = self.group = None
 
 
 class Launcher:
@@ -717,19 +740,27 @@ class Launcher:
     are kept ready (`POOL`), so that a Start pays for none of that (a fork, namespaces, a cgroup migration: a few
     milliseconds), only for the command's own exec. Requests go to the launcher over a Unix socket with the init's
     channel attached; the init talks to the server directly on that channel.
+
+    Without namespaces and cgroups (isolation off), an init has nothing of its own that a job could leave behind, so
+    once its job has ended it takes the next one (up to `KEEP` wait), rather than exit for a fresh one to be forked:
+    making an init and ending it costs the host several times what the Start itself does (a fork, the pages the
+    child copies, and their unmapping at exit), and an init that has already run a command runs the next one sooner.
     """
 
     BOOT = ("import importlib.util as u, sys; s = u.spec_from_file_location('jobworker_launcher', sys.argv[1]); "
             "m = u.module_from_spec(s); s.loader.exec_module(m); m.Launcher.serve(int(sys.argv[2]))")
     HEADER = struct.Struct("<I")
     POOL = 4
+    KEEP = 8
 
     def __init__(self, sandbox, logs_dir):
         self.sandbox = sandbox
         self.logs_dir = logs_dir
+        self.reusable = not sandbox.cgroups and not sandbox.namespace_flags  # whether an init may run job after job
         self._lock = threading.Lock()  # for the launcher's socket
         self._start_launcher()
-        self._ready = collections.deque()
+        self._ready = collections.deque()  # the init that became ready last is taken first: it is the warmest
+        self._returned = collections.deque()  # inits whose job has ended, to be made ready again
         self._failure = None  # why the last init could not be made, for the Start waiting for one
         self._changed = threading.Condition()
         self._closed = False
@@ -751,6 +782,8 @@ class Launcher:
         self._filler.join()
         while self._ready:
             self._discard(self._ready.popleft())
+        while self._returned:
+            self._discard(InitSlot(*self._returned.popleft()))
         self._socket.close()  # the launcher exits when it sees the end of its socket
         self._process.wait()
 
@@ -780,15 +813,14 @@ class Launcher:
             undo.pop_all()
         # The init knows its command's pid as its own PID namespace numbers it; ours is the init's only child.
         pid = (_child_of(slot.pid) or slot.pid) if sandbox.namespace_flags & CLONE_NEWPID else started["started"]
-        process = JobProcess(slot.channel, slot.pidfd, pid, sandbox.cgroups, slot.group, applied, sandbox.namespaces,
-                             sandbox.mode, sandbox.user)
+        process = JobProcess(slot, pid, sandbox, applied, self.take_back if self.reusable else None)
         return slot, process, out_r, err_r
 
     def _take(self):
         """A ready init, waiting for one to be made if none is."""
         with self._changed:
             if self._ready:
-                return self._ready.popleft()  # the filler replaces it once this Start is done (refill)
+                return self._ready.pop()  # the filler replaces it once this Start is done (refill)
             self._failure = None
             self._changed.notify_all()
             while not self._ready:
@@ -797,7 +829,16 @@ class Launcher:
                 if self._failure:
                     raise self._failure
                 self._changed.wait()
-            return self._ready.popleft()
+            return self._ready.pop()
+
+    def take_back(self, channel, pidfd, pid):
+        """Has the filler make ready again an init whose job has ended (one without namespaces or a cgroup)."""
+        with self._changed:
+            if not self._closed:
+                self._returned.append((channel, pidfd, pid))
+                self._changed.notify_all()
+                return
+        self._discard(InitSlot(channel, pidfd, pid))
 
     def refill(self):
         """Has the filler replace the inits taken. Called once the Start's answer is on its way, not before: the
@@ -815,11 +856,15 @@ class Launcher:
         name_this_thread()
         while True:
             with self._changed:
-                while not self._closed and (len(self._ready) >= self.POOL or self._failure):
+                while not self._closed and not self._returned and (len(self._ready) >= self.POOL or self._failure):
                     self._changed.wait()
                 if self._closed:
                     return
-                missing = self.POOL - len(self._ready)
+                returned = [InitSlot(*self._returned.popleft()) for _ in range(len(self._returned))]
+            for slot in returned:
+                self._recycle(slot)
+            with self._changed:
+                missing = 0 if self._failure else self.POOL - len(self._ready)
             ordered, failure = [], None
             try:
                 for _ in range(missing):
@@ -841,6 +886,23 @@ class Launcher:
                     self._failure = failure
                     self._changed.notify_all()
 
+    def _recycle(self, slot):
+        """Makes ready again an init whose job has ended, with a new job id and log, unless KEEP are ready."""
+        with self._changed:
+            keep = len(self._ready) < self.KEEP
+        try:
+            if keep:
+                slot.log = OutputLog(os.path.join(self.logs_dir, slot.id))
+        except OSError as e:
+            log.error("cannot make a job's output log: %s", e)
+            keep = False
+        if not keep:
+            self._discard(slot)
+            return
+        with self._changed:
+            self._ready.append(slot)
+            self._changed.notify_all()
+
     def _order(self):
         """Has the launcher fork an init into a new cgroup and namespaces; returns its slot, the init on its way."""
         sandbox = self.sandbox
@@ -850,7 +912,7 @@ class Launcher:
             slot.log = OutputLog(os.path.join(self.logs_dir, slot.id))
             slot.group = sandbox.cgroups.create(slot.id) if sandbox.cgroups else None
             slot.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            request = {"namespaces": sandbox.namespace_flags,
+            request = {"namespaces": sandbox.namespace_flags, "reusable": self.reusable,
                        "cgroup_procs": sandbox.cgroups.procs_files(slot.group) if slot.group else []}
             try:
                 self._send(request, [theirs.fileno()])
@@ -1068,6 +1130,11 @@ class Init:
     zombie, passes stop signals on to every process of the job, and once the command exits it ends whatever the
     command left running, reports the command's own status, and exits. If the server goes away (its end of the
     channel closes), the init ends the job with it.
+
+    An init without namespaces or a cgroup (isolation off) is `reusable`: after its report it takes root back and
+    waits for another job, as it was before its first. While a job runs, the init is the job's user in its real and
+    effective ids only; its saved ids stay root's, which lets it take root back, which the command cannot use (its
+    exec makes them the job user's too), and which keeps the init out of reach of the job's ptrace.
     """
 
     FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -1076,6 +1143,8 @@ class Init:
         self.channel = socket.socket(fileno=channel)
         self.request = request
         self.pid_ns = bool(request["namespaces"] & CLONE_NEWPID)
+        self.reusable = request.get("reusable", False)
+        self.owner = None  # our own ids while a reusable init runs a job as its user
         self.command_pid = None
 
     def run(self):
@@ -1084,12 +1153,10 @@ class Init:
         socket.send_fds(self.channel, [b'{"init": true}'], [pidfd])
         os.close(pidfd)
         try:
-            status = self._run()
+            self._run()
         except BaseException as e:  # an init must never return into the launcher's loop
             self._say({"error": getattr(e, "errno", None) or errno.EIO, "stage": "init", "message": repr(e)})
-            status = {"signal": signal.SIGKILL}
-        if status:
-            self._say(status)
+            self._say({"signal": signal.SIGKILL})
         os._exit(0)
 
     def _say(self, message):
@@ -1099,17 +1166,44 @@ class Init:
 
     def _run(self):
         if not self._prepare():
-            return None
+            return
         self._say({"ready": True})
-        message, fds, _, _ = socket.recv_fds(self.channel, 4096, 3)
-        if len(fds) != 3:
-            return None  # the server no longer needs us (shutdown)
-        spec, stdout, stderr = fds
+        while True:
+            job = self._next_job()
+            if job is None:
+                return  # the server no longer needs us (shutdown, or more inits are ready than it keeps)
+            status = self._run_job(*job)
+            if status is None:
+                return  # the command did not start; the server knows why, and discards us
+            self._say(status)
+            if not self.reusable:
+                return
+
+    def _next_job(self):
+        """The server's next job (its spec, stdout and stderr), passing over what it said for the one before."""
+        self.channel.setblocking(True)
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(self.channel, 4096, 3)
+            except OSError:
+                return None
+            if len(fds) == 3:
+                return fds
+            for fd in fds:
+                os.close(fd)
+            if not message:
+                return None
+
+    def _run_job(self, spec, stdout, stderr):
+        """Starts the job's command and sees it through; returns the command's status, or None if it did not start."""
         job = json.loads(os.pread(spec, os.fstat(spec).st_size, 0))
         os.close(spec)
+        wake_r = self.wake_r
+        with contextlib.suppress(BlockingIOError):
+            while os.read(wake_r, 4096):  # signals sent to us before this job are not for it
+                pass
         if not self._start(job, stdout, stderr):
             return None
-        wake_r = self.wake_r
         self.channel.setblocking(False)
         status = None
         while status is None:
@@ -1123,6 +1217,11 @@ class Init:
                     else:
                         self._forward(sig)
         self._end_everything()
+        if self.owner is not None:  # reusable: root again, for the next job
+            uid, gid = self.owner
+            os.setresuid(uid, uid, uid)
+            os.setresgid(gid, gid, gid)
+            self.owner = None
         return status
 
     def _prepare(self):
@@ -1165,9 +1264,7 @@ class Init:
         stage = "user"
         try:
             if job["uid"] != os.geteuid():
-                os.setgroups([])  # nothing of the job runs as root from here on, the init included
-                os.setgid(job["gid"])
-                os.setuid(job["uid"])
+                self._become(job["uid"], job["gid"])
             stage = "exec"
             os.chdir(job["cwd"])
             os.environ["PATH"] = job["env"]["PATH"]  # where posix_spawnp looks for the command
@@ -1186,6 +1283,16 @@ class Init:
             os.close(stderr)
         self._say({"started": self.command_pid})
         return True
+
+    def _become(self, uid, gid):
+        """Becomes the job's user, so that nothing of the job runs as root, the init included: for good, or, in a
+        reusable init, with our own ids kept as the saved ones (the command's exec replaces them with the user's)."""
+        if self.reusable:
+            self.owner = os.getuid(), os.getgid()
+        saved_uid, saved_gid = self.owner or (uid, gid)
+        os.setgroups([])
+        os.setresgid(gid, gid, saved_gid)
+        os.setresuid(uid, uid, saved_uid)
 
     def _obey(self):
         """A message from the server, or the end of the channel: the server is gone and the job goes with it."""
@@ -1374,13 +1481,14 @@ class OutputPump(threading.Thread):
     def __init__(self):
         super().__init__(name="output-pump", daemon=True)
         self._epoll = select.epoll()
-        self._watched = {}  # fd -> (job, part, source, rests below); source is None for the init's pidfd
+        self._watched = {}  # fd -> (job, part, source, rests below); source is None for the init's end_fd
         self._resting = {}  # fd -> when it is watched again
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._epoll.register(self._stop_r, select.EPOLLIN)
 
     def watch(self, job, out_r, err_r):
-        for fd, part, source in ((out_r, "stdout", STDOUT), (err_r, "stderr", STDERR), (job.process.pidfd, "init", None)):
+        parts = ((out_r, "stdout", STDOUT), (err_r, "stderr", STDERR), (job.process.end_fd, "init", None))
+        for fd, part, source in parts:
             # A pipe that could not be enlarged rests only when it is less than half full (else it would cap the job)
             rest_below = 0 if source is None else min(self.BATCH, _enlarge_pipe(fd) // 2)
             self._watched[fd] = (job, part, source, rest_below)
@@ -1406,7 +1514,8 @@ class OutputPump(threading.Thread):
                 self._epoll.unregister(fd)
                 del self._watched[fd]
                 self._resting.pop(fd, None)  # a resting pipe still reports its hang-up
-                os.close(fd)
+                if source is not None:
+                    os.close(fd)  # the init's descriptors are its JobProcess's to release
                 job.part_ended(part)
             if self._resting:
                 now = time.monotonic()

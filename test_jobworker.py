@@ -12,9 +12,11 @@ import hashlib
 import json
 import math
 import os
+import pwd
 import random
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -1087,6 +1089,48 @@ def test_isolation_off_runs_jobs_plainly_and_says_so(pki, tmp_path):
         collect_until(admin, job_id, len(b"daemon\nready\n"))
         admin.stop(job_id, timeout=5)
         assert processes_with(marker) == [], "without namespaces the init still takes the job's orphans"
+    finally:
+        assert server.stop() == 0
+
+
+@needs_root
+def test_isolation_off_inits_run_job_after_job_as_the_job_user_only(pki, tmp_path):
+    """Without namespaces or a cgroup, an init that has run a job runs the next: every job under it is nobody, with
+    no way back to root and no way into its init, and nothing a job left running survives into the next one."""
+    server = Server(pki, str(tmp_path), "--isolation", "off")
+    try:
+        admin = server.client()
+        nobody = pwd.getpwnam("nobody")
+        who = py("import os\n"
+                 "caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapPrm', 'CapEff'))]\n"
+                 "try:\n    os.setresuid(0, 0, 0)\n    root = 'root again'\nexcept PermissionError:\n    root = 'no root'\n"
+                 "try:\n    open(f'/proc/{os.getppid()}/environ').read()\n    init = 'init open'\n"
+                 "except PermissionError:\n    init = 'init closed'\n"
+                 "print(os.getppid(), *os.getresuid(), *os.getresgid(), os.getgroups(), *caps, root, init)")
+        expected = (f"{nobody.pw_uid} " * 3 + f"{nobody.pw_gid} " * 3 +
+                    "[] 0000000000000000 0000000000000000 no root init closed\n")
+        inits, jobs = set(), jobworker.Launcher.KEEP + jobworker.Launcher.POOL + 2
+        for _ in range(jobs):  # more than there can be inits, if each ran one job only
+            label = marker()
+            out, _, status = run_job(admin, ["sh", "-c", f"setsid sleep {label} & exec {shlex.join(who)}"])
+            init, rest = out.decode().split(" ", 1)
+            assert rest == expected and status.state == pb.EXITED and status.exit_code == 0
+            assert processes_with(label) == [], "a job's leftovers end with it, before its init takes another job"
+            inits.add(int(init))
+        assert len(inits) < jobs, "no init ran a second job"
+        # A job can end its own init (they share a user): that job ends as killed, and the next Start is served.
+        with tempfile.TemporaryDirectory() as gates:  # the job opens its gate only once its Start has returned
+            os.chmod(gates, 0o755)
+            gate = os.path.join(gates, "gate")
+            os.mkfifo(gate)
+            os.chmod(gate, 0o666)
+            job_id = admin.start(["sh", "-c", f"cat {gate}; kill -9 $PPID"])
+            with open(gate, "w"):
+                pass
+        _, _, status, _ = collect(admin, job_id)
+        assert status.state == pb.EXITED and status.signal == signal.SIGKILL
+        out, _, status = run_job(admin, ["echo", "next"])
+        assert out == b"next\n" and status.exit_code == 0
     finally:
         assert server.stop() == 0
 
