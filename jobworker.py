@@ -994,6 +994,9 @@ class Launcher:
         gc.freeze()
         if os.geteuid() == 0:
             os.nice(10)  # making inits ahead of time must not slow the server; each init resets it for its command
+        # A job without a PID namespace can kill its init (they share a user): what it leaves comes to us, and ends.
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+        inits = set()
         requests = socket.socket(fileno=fd)
         own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -1003,13 +1006,17 @@ class Launcher:
             ready, _, _ = select.select([requests, wake_r], [], [])
             if wake_r in ready:
                 os.read(wake_r, 4096)
-                _reap_all()
+                inits -= _reap_all()
+                for orphan in set(_children(os.getpid())) - inits:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(orphan, signal.SIGKILL)  # reaped at its SIGCHLD; its own children come to us then
             if requests in ready:
                 request, fds = Launcher._receive(requests)
                 if request is None:
                     os._exit(0)  # the server has gone
                 try:
-                    Launcher._fork_init(request, fds, own_pid_ns, [fd, wake_r, wake_w, own_pid_ns])
+                    inits.add(Launcher._fork_init(request, fds, own_pid_ns, [fd, wake_r, wake_w, own_pid_ns]))
+                    inits.discard(None)  # the fork failed (and the server has been told)
                 except Exception as e:  # one bad request must not cost the server its launcher
                     print(f"jobworker launcher: {e!r}", file=sys.stderr)
                 finally:
@@ -1042,7 +1049,7 @@ class Launcher:
             pid = _fork(own_pid_ns if request["namespaces"] & CLONE_NEWPID else None)
         except OSError as e:
             _say(channel, {"error": e.errno, "stage": "launch", "message": str(e)})
-            return
+            return None
         if pid == 0:
             try:
                 for fd in launcher_fds:
@@ -1051,6 +1058,7 @@ class Launcher:
                 Init(channel, request).run()
             finally:
                 os._exit(1)
+        return pid
 
 
 def _fork(own_pid_ns=None):
@@ -1084,13 +1092,16 @@ def _pid_of(pidfd):
 
 
 def _reap_all():
+    """Reaps every child that has exited; returns their pids."""
+    reaped = set()
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped.add(pid)
 
 
 def _child_of(pid):

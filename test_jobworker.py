@@ -1118,17 +1118,20 @@ def test_isolation_off_inits_run_job_after_job_as_the_job_user_only(pki, tmp_pat
             assert processes_with(label) == [], "a job's leftovers end with it, before its init takes another job"
             inits.add(int(init))
         assert len(inits) < jobs, "no init ran a second job"
-        # A job can end its own init (they share a user): that job ends as killed, and the next Start is served.
+        # A job can end its own init (they share a user): that job ends as killed, what it left running ends too (it
+        # holds the job's stdout: the job would not end otherwise), and the next Start is served.
         with tempfile.TemporaryDirectory() as gates:  # the job opens its gate only once its Start has returned
             os.chmod(gates, 0o755)
             gate = os.path.join(gates, "gate")
             os.mkfifo(gate)
             os.chmod(gate, 0o666)
-            job_id = admin.start(["sh", "-c", f"cat {gate}; kill -9 $PPID"])
+            label = marker()
+            job_id = admin.start(["sh", "-c", f"cat {gate}; setsid sleep {label} & kill -9 $PPID"])
             with open(gate, "w"):
                 pass
-        _, _, status, _ = collect(admin, job_id)
+        status = list(admin.stub.Stream(pb.StreamRequest(job_id=job_id), timeout=60))[-1].status  # the job's end
         assert status.state == pb.EXITED and status.signal == signal.SIGKILL
+        assert processes_with(label) == []
         out, _, status = run_job(admin, ["echo", "next"])
         assert out == b"next\n" and status.exit_code == 0
     finally:
