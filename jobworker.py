@@ -783,7 +783,7 @@ class Launcher:
         while self._ready:
             self._discard(self._ready.popleft())
         while self._returned:
-            self._discard(InitSlot(*self._returned.popleft()))
+            self._discard(self._returned.popleft())
         self._socket.close()  # the launcher exits when it sees the end of its socket
         self._process.wait()
 
@@ -833,12 +833,13 @@ class Launcher:
 
     def take_back(self, channel, pidfd, pid):
         """Has the filler make ready again an init whose job has ended (one without namespaces or a cgroup)."""
+        slot = InitSlot(channel, pidfd, pid)
         with self._changed:
             if not self._closed:
-                self._returned.append((channel, pidfd, pid))
+                self._returned.append(slot)
                 self._changed.notify_all()
                 return
-        self._discard(InitSlot(channel, pidfd, pid))
+        self._discard(slot)
 
     def refill(self):
         """Has the filler replace the inits taken. Called once the Start's answer is on its way, not before: the
@@ -860,7 +861,7 @@ class Launcher:
                     self._changed.wait()
                 if self._closed:
                     return
-                returned = [InitSlot(*self._returned.popleft()) for _ in range(len(self._returned))]
+                returned, self._returned = self._returned, collections.deque()
             for slot in returned:
                 self._recycle(slot)
             with self._changed:
