@@ -69,6 +69,7 @@ STREAM_CHUNK = 256 * 1024          # bytes in one Stream message
 DEFAULT_STOP_GRACE = 10.0          # seconds between SIGTERM and SIGKILL when the client does not say
 MAX_STOP_GRACE = 3600.0
 SHUTDOWN_GRACE = 5.0               # the same, for the jobs still running when the server shuts down
+KILL_GRACE = 5.0                   # seconds an init has to carry out a kill before it is killed itself
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 SYNC_FILE_RANGE_WRITE = 2
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -332,7 +333,8 @@ class Job:
 
 CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
-PR_SET_PDEATHSIG, PR_SET_NAME, PR_SET_CHILD_SUBREAPER = 1, 15, 36
+PR_SET_PDEATHSIG, PR_SET_NAME, PR_SET_CHILD_SUBREAPER, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 1, 15, 36, 47, 4
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # where a job's commands are looked for
@@ -365,6 +367,25 @@ def name_this_thread():
 
 def prctl(option, value):
     _check(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), "prctl")
+
+
+class _CapabilityHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapabilitySets(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def clear_inheritable_capabilities():
+    """Empties this thread's inheritable capabilities, which a command's exec would otherwise pass on to a program
+    that carries file capabilities of its own (no privilege is needed to give them up)."""
+    header = _CapabilityHeader(LINUX_CAPABILITY_VERSION_3, 0)
+    sets = (_CapabilitySets * 2)()  # version 3: two of each, for capabilities 0-31 and 32-63
+    _check(_libc.capget(ctypes.byref(header), sets), "capget")
+    for part in sets:
+        part.inheritable = 0
+    _check(_libc.capset(ctypes.byref(header), sets), "capset")
 
 
 def _read(path):
@@ -659,13 +680,28 @@ class JobProcess:
                     self._sandbox.cgroups.kill(self._group)
                 except OSError as e:
                     log.warning("cgroup kill of job %s: %s", os.path.basename(self._group[0]), e)
-            self._tell({"kill": True})
+            if not self._tell({"kill": True}):
+                self._kill_init()
+
+    def kill_init(self):
+        """SIGKILL to the init itself, for one that does not act on a kill: a job without a PID namespace can stop
+        its init. What the job still runs dies with the init's PID namespace, or comes to the launcher (a child
+        subreaper), which kills it."""
+        with self._lock:
+            if self._final_usage is None:
+                self._kill_init()
+
+    def _kill_init(self):
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
     def _tell(self, message):
+        """Whether the message was sent: never waits (under the lock) for an init that does not read its channel."""
         try:
-            self.channel.send(json.dumps(message).encode())
+            self.channel.send(json.dumps(message).encode(), socket.MSG_DONTWAIT)
+            return True
         except OSError:
-            pass  # the init has already gone; so has the job
+            return False  # the init has gone (and so has the job), or it is stopped and its channel full
 
     def usage(self):
         if self._final_usage is not None:
@@ -677,7 +713,7 @@ class JobProcess:
 
     def finish(self):
         """Called once the init is done with the job (end_fd): reads its report, then releases the init and cgroup."""
-        outcome, failed = None, False  # no report: the init itself was killed (cgroup kill, OOM)
+        outcome, failed = None, False
         self.channel.setblocking(False)
         while outcome is None:
             try:
@@ -700,7 +736,7 @@ class JobProcess:
                 failed = True  # the init itself failed, and is on its way out
         with self._lock:
             reusable = outcome is not None and self._take_back and not failed
-            outcome = outcome or Outcome(sig=signal.SIGKILL)
+            outcome = outcome or Outcome(sig=signal.SIGKILL)  # no report: the init itself was killed (cgroup kill, OOM)
             outcome.usage = self._final_usage = self.usage()
             if reusable:
                 self.channel.setblocking(True)
@@ -722,8 +758,8 @@ class JobProcess:
 
 
 class InitSlot:
-    """Everything a job needs before its command, made ahead of time: its id, its (empty) output log, and its init,
-    in a cgroup (named for the id) and namespaces of its own, waiting on its channel for a command."""
+    """Everything a job needs before its command, made ahead of time: its id, its (empty) output log, and its init
+    (in a cgroup named for the id, and namespaces of its own, if the server isolates jobs), waiting for a command."""
 
     def __init__(self, channel=None, pidfd=None, pid=None):
         self.id = str(uuid.uuid4())
@@ -742,7 +778,7 @@ class Launcher:
     channel attached; the init talks to the server directly on that channel.
 
     Without namespaces and cgroups (isolation off), an init has nothing of its own that a job could leave behind, so
-    once its job has ended it takes the next one (up to `KEEP` wait), rather than exit for a fresh one to be forked:
+    once its job has ended it takes the next one (up to `KEEP` of them wait), rather than exit for a new one:
     making an init and ending it costs the host several times what the Start itself does (a fork, the pages the
     child copies, and their unmapping at exit), and an init that has already run a command runs the next one sooner.
     """
@@ -756,7 +792,9 @@ class Launcher:
     def __init__(self, sandbox, logs_dir):
         self.sandbox = sandbox
         self.logs_dir = logs_dir
-        self.reusable = not sandbox.cgroups and not sandbox.namespace_flags  # whether an init may run job after job
+        # Whether an init may run job after job: only if it has nothing of its own a job could leave something in,
+        # and is out of the job's reach (root, with the job run as another user).
+        self.reusable = not sandbox.cgroups and not sandbox.namespace_flags and os.geteuid() == 0 and sandbox.uid != 0
         self._lock = threading.Lock()  # for the launcher's socket
         self._start_launcher()
         self._ready = collections.deque()  # the init that became ready last is taken first: it is the warmest
@@ -817,7 +855,14 @@ class Launcher:
         return slot, process, out_r, err_r
 
     def _take(self):
-        """A ready init, waiting for one to be made if none is."""
+        """A ready init, waiting for one to be made if none is; one that died while it waited is passed over."""
+        while True:
+            slot = self._take_ready()
+            if not _readable(slot.channel):  # a ready init says nothing until it is given a job: it has gone
+                return slot
+            self._discard(slot)
+
+    def _take_ready(self):
         with self._changed:
             if self._ready:
                 return self._ready.pop()  # the filler replaces it once this Start is done (refill)
@@ -865,7 +910,7 @@ class Launcher:
             for slot in returned:
                 self._recycle(slot)
             with self._changed:
-                missing = 0 if self._failure else self.POOL - len(self._ready)
+                missing = 0 if self._failure or self._closed else self.POOL - len(self._ready)
             ordered, failure = [], None
             try:
                 for _ in range(missing):
@@ -1016,8 +1061,9 @@ class Launcher:
                 if request is None:
                     os._exit(0)  # the server has gone
                 try:
-                    inits.add(Launcher._fork_init(request, fds, own_pid_ns, [fd, wake_r, wake_w, own_pid_ns]))
-                    inits.discard(None)  # the fork failed (and the server has been told)
+                    pid = Launcher._fork_init(request, fds, own_pid_ns, [fd, wake_r, wake_w, own_pid_ns])
+                    if pid:  # else the fork failed, and the server has been told
+                        inits.add(pid)
                 except Exception as e:  # one bad request must not cost the server its launcher
                     print(f"jobworker launcher: {e!r}", file=sys.stderr)
                 finally:
@@ -1092,6 +1138,13 @@ def _pid_of(pidfd):
     raise OSError(errno.ESRCH, "no pid in the pidfd's fdinfo")
 
 
+def _readable(sock):
+    """Whether a socket has something to read (or has reached its end), without waiting."""
+    ready = select.poll()
+    ready.register(sock, select.POLLIN)
+    return bool(ready.poll(0))
+
+
 def _reap_all():
     """Reaps every child that has exited; returns their pids."""
     reaped = set()
@@ -1145,8 +1198,10 @@ class Init:
 
     An init without namespaces or a cgroup (isolation off) is `reusable`: after its report it takes root back and
     waits for another job, as it was before its first. While a job runs, the init is the job's user in its real and
-    effective ids only; its saved ids stay root's, which lets it take root back, which the command cannot use (its
-    exec makes them the job user's too), and which keeps the init out of reach of the job's ptrace.
+    effective ids only; its saved ids stay root's, which lets it take root back, and which the command cannot use (its
+    exec makes them the job user's too). Its permitted capabilities stay too, and keep it out of the job's reach:
+    the job may signal it (they share a real uid), but not ptrace it, renice it or change its limits. The server
+    reuses inits only when it is root and runs jobs as another user.
     """
 
     FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -1200,6 +1255,8 @@ class Init:
             except OSError:
                 return None
             if len(fds) == 3:
+                for fd in fds:  # the command gets stdout and stderr as 1 and 2 (posix_spawn's dup2), nothing more
+                    os.set_inheritable(fd, False)
                 return fds
             for fd in fds:
                 os.close(fd)
@@ -1297,11 +1354,16 @@ class Init:
         return True
 
     def _become(self, uid, gid):
-        """Becomes the job's user, so that nothing of the job runs as root, the init included: for good, or, in a
-        reusable init, with our own ids kept as the saved ones (the command's exec replaces them with the user's)."""
+        """Becomes the job's user (no groups, no capabilities), so that nothing of the job runs as root, the init
+        included: for good, or, in a reusable init, with our own ids kept as the saved ones (the command's exec
+        replaces them with the user's)."""
         if self.reusable:
             self.owner = os.getuid(), os.getgid()
         saved_uid, saved_gid = self.owner or (uid, gid)
+        # Capabilities the server was started with, ambient or inheritable, are not the job's: ambient ones would
+        # survive the command's exec while a saved id is root, and inheritable ones combine with a file's own.
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+        clear_inheritable_capabilities()
         os.setgroups([])
         os.setresgid(gid, gid, saved_gid)
         os.setresuid(uid, uid, saved_uid)
@@ -1639,6 +1701,8 @@ class JobManager:
             if job.ended.wait(grace):
                 return job
         job.process.kill()
+        if not job.ended.wait(KILL_GRACE):
+            job.process.kill_init()
         job.ended.wait()
         return job
 
@@ -1656,6 +1720,10 @@ class JobManager:
         for job in running:
             if not job.ended.wait(max(0.0, deadline - time.monotonic())):
                 job.process.kill()
+        deadline = time.monotonic() + KILL_GRACE
+        for job in running:
+            if not job.ended.wait(max(0.0, deadline - time.monotonic())):
+                job.process.kill_init()
         for job in running:
             job.ended.wait()
         self._pump.stop()

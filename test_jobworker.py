@@ -115,7 +115,7 @@ def pki(tmp_path_factory):
 class Server:
     """`python jobworker.py serve` on a free loopback port, in its own process."""
 
-    def __init__(self, pki, directory, *options):
+    def __init__(self, pki, directory, *options, prefix=()):
         self.pki = pki
         os.makedirs(directory, exist_ok=True)
         self.data_dir = os.path.join(directory, "data")
@@ -123,7 +123,7 @@ class Server:
         self.log = open(self.log_path, "wb")
         cert, key = pki.server
         self.proc = subprocess.Popen(
-            [sys.executable, JOBWORKER, "serve", "--addr", "127.0.0.1:0", "--cert", cert, "--key", key,
+            [*prefix, sys.executable, JOBWORKER, "serve", "--addr", "127.0.0.1:0", "--cert", cert, "--key", key,
              "--ca", pki._path("ca", "pem"), "--data-dir", self.data_dir, *options],
             stdout=subprocess.PIPE, stderr=self.log, env=dict(os.environ, JOBWORKER_SECRET="hunter2"))
         line = self.proc.stdout.readline().decode()
@@ -1093,22 +1093,42 @@ def test_isolation_off_runs_jobs_plainly_and_says_so(pki, tmp_path):
         assert server.stop() == 0
 
 
+@contextlib.contextmanager
+def gate():
+    """A FIFO a job can wait on (`cat PATH`) until the with block ends: until after its Start has returned, say."""
+    with tempfile.TemporaryDirectory() as directory:
+        os.chmod(directory, 0o755)
+        path = os.path.join(directory, "gate")
+        os.mkfifo(path)
+        os.chmod(path, 0o666)
+        yield path
+        with open(path, "w"):
+            pass
+
+
+# A server started with an ambient capability, which no job may keep (where util-linux's setpriv can start one).
+AMBIENT_CAPABILITY = ("setpriv", "--inh-caps", "+net_raw", "--ambient-caps", "+net_raw") if shutil.which("setpriv") else ()
+
+
 @needs_root
 def test_isolation_off_inits_run_job_after_job_as_the_job_user_only(pki, tmp_path):
     """Without namespaces or a cgroup, an init that has run a job runs the next: every job under it is nobody, with
-    no way back to root and no way into its init, and nothing a job left running survives into the next one."""
-    server = Server(pki, str(tmp_path), "--isolation", "off")
+    no capability, no way back to root and no way into its init, and nothing a job left running survives into the
+    next one. A job can kill or stop its init (they share a user): the job still ends, and nothing of it stays. An
+    init that dies while it waits costs no Start."""
+    server = Server(pki, str(tmp_path), "--isolation", "off", prefix=AMBIENT_CAPABILITY)
     try:
         admin = server.client()
         nobody = pwd.getpwnam("nobody")
         who = py("import os\n"
-                 "caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapPrm', 'CapEff'))]\n"
+                 "caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapInh', 'CapPrm', "
+                 "'CapEff', 'CapAmb'))]\n"
                  "try:\n    os.setresuid(0, 0, 0)\n    root = 'root again'\nexcept PermissionError:\n    root = 'no root'\n"
                  "try:\n    open(f'/proc/{os.getppid()}/environ').read()\n    init = 'init open'\n"
                  "except PermissionError:\n    init = 'init closed'\n"
                  "print(os.getppid(), *os.getresuid(), *os.getresgid(), os.getgroups(), *caps, root, init)")
         expected = (f"{nobody.pw_uid} " * 3 + f"{nobody.pw_gid} " * 3 +
-                    "[] 0000000000000000 0000000000000000 no root init closed\n")
+                    "[] " + "0000000000000000 " * 4 + "no root init closed\n")
         inits, jobs = set(), jobworker.Launcher.KEEP + jobworker.Launcher.POOL + 2
         for _ in range(jobs):  # more than there can be inits, if each ran one job only
             label = marker()
@@ -1118,20 +1138,31 @@ def test_isolation_off_inits_run_job_after_job_as_the_job_user_only(pki, tmp_pat
             assert processes_with(label) == [], "a job's leftovers end with it, before its init takes another job"
             inits.add(int(init))
         assert len(inits) < jobs, "no init ran a second job"
-        # A job can end its own init (they share a user): that job ends as killed, what it left running ends too (it
-        # holds the job's stdout: the job would not end otherwise), and the next Start is served.
-        with tempfile.TemporaryDirectory() as gates:  # the job opens its gate only once its Start has returned
-            os.chmod(gates, 0o755)
-            gate = os.path.join(gates, "gate")
-            os.mkfifo(gate)
-            os.chmod(gate, 0o666)
-            label = marker()
-            job_id = admin.start(["sh", "-c", f"cat {gate}; setsid sleep {label} & kill -9 $PPID"])
-            with open(gate, "w"):
-                pass
+        # A job that kills its init ends as killed, and what it left running ends too (it holds the job's stdout: the
+        # job would not end otherwise).
+        label = marker()
+        with gate() as path:
+            job_id = admin.start(["sh", "-c", f"cat {path}; setsid sleep {label} & kill -9 $PPID"])
         status = list(admin.stub.Stream(pb.StreamRequest(job_id=job_id), timeout=60))[-1].status  # the job's end
         assert status.state == pb.EXITED and status.signal == signal.SIGKILL
         assert processes_with(label) == []
+        # A job that stops its init is still ended by a Stop, which kills the init when it does not act.
+        with gate() as path:
+            job_id = admin.start(["sh", "-c", f"cat {path}; kill -STOP $PPID; echo stopped; exec sleep {label}"])
+        collect_until(admin, job_id, len(b"stopped\n"))
+        status = admin.stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=60)
+        assert status.state == pb.STOPPED and status.signal == signal.SIGKILL
+        assert processes_with(label) == []
+        # Inits that die while they wait for a job cost no Start: each is passed over for another.
+        launcher = next(pid for pid in jobworker._children(server.proc.pid)
+                        if b"jobworker_launcher" in open(f"/proc/{pid}/cmdline", "rb").read())
+        waiting = [pid for pid in jobworker._children(launcher) if not jobworker._children(pid)]
+        assert waiting
+        for pid in waiting:
+            pidfd = os.pidfd_open(pid)
+            os.kill(pid, signal.SIGKILL)
+            assert select.select([pidfd], [], [], 30)[0]
+            os.close(pidfd)
         out, _, status = run_job(admin, ["echo", "next"])
         assert out == b"next\n" and status.exit_code == 0
     finally:
