@@ -1093,25 +1093,12 @@ def test_isolation_off_runs_jobs_plainly_and_says_so(pki, tmp_path):
         assert server.stop() == 0
 
 
-@contextlib.contextmanager
-def gate():
-    """A FIFO a job can wait on (`cat PATH`) until the with block ends: until after its Start has returned, say."""
-    with tempfile.TemporaryDirectory() as directory:
-        os.chmod(directory, 0o755)
-        path = os.path.join(directory, "gate")
-        os.mkfifo(path)
-        os.chmod(path, 0o666)
-        yield path
-        with open(path, "w"):
-            pass
-
-
 # A server started with an ambient capability, which no job may keep (where util-linux's setpriv can start one).
 AMBIENT_CAPABILITY = ("setpriv", "--inh-caps", "+net_raw", "--ambient-caps", "+net_raw") if shutil.which("setpriv") else ()
 
 
 @needs_root
-def test_isolation_off_inits_run_job_after_job_as_the_job_user_only(pki, tmp_path):
+def test_isolation_off_inits_run_job_after_job_as_the_job_user_only(pki, tmp_path, gate):
     """Without namespaces or a cgroup, an init that has run a job runs the next: every job under it is nobody, with
     no capability, no way back to root and no way into its init, and nothing a job left running survives into the
     next one. A job can kill or stop its init (they share a user): the job still ends, and nothing of it stays. An
@@ -1141,14 +1128,16 @@ def test_isolation_off_inits_run_job_after_job_as_the_job_user_only(pki, tmp_pat
         # A job that kills its init ends as killed, and what it left running ends too (it holds the job's stdout: the
         # job would not end otherwise).
         label = marker()
-        with gate() as path:
-            job_id = admin.start(["sh", "-c", f"cat {path}; setsid sleep {label} & kill -9 $PPID"])
+        job_id = admin.start(py(gate.hold("") + f"import os, subprocess\nsubprocess.Popen(['setsid', 'sleep', '{label}'])\n"
+                                                "os.kill(os.getppid(), 9)\n"))
+        gate.open()  # once its Start has returned
         status = list(admin.stub.Stream(pb.StreamRequest(job_id=job_id), timeout=60))[-1].status  # the job's end
         assert status.state == pb.EXITED and status.signal == signal.SIGKILL
         assert processes_with(label) == []
         # A job that stops its init is still ended by a Stop, which kills the init when it does not act.
-        with gate() as path:
-            job_id = admin.start(["sh", "-c", f"cat {path}; kill -STOP $PPID; echo stopped; exec sleep {label}"])
+        job_id = admin.start(py(gate.hold("") + "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\n"
+                                                f"print('stopped', flush=True)\nos.execvp('sleep', ['sleep', '{label}'])\n"))
+        gate.open()
         collect_until(admin, job_id, len(b"stopped\n"))
         status = admin.stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=60)
         assert status.state == pb.STOPPED and status.signal == signal.SIGKILL
