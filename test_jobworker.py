@@ -1094,7 +1094,8 @@ def test_isolation_off_runs_jobs_plainly_and_says_so(pki, tmp_path):
 
 
 # A server started with an ambient capability, which no job may keep (where util-linux's setpriv can start one).
-AMBIENT_CAPABILITY = ("setpriv", "--inh-caps", "+net_raw", "--ambient-caps", "+net_raw") if shutil.which("setpriv") else ()
+AMBIENT_CAPABILITY = (("setpriv", "--inh-caps", "+net_raw", "--ambient-caps", "+net_raw") if shutil.which("setpriv")
+                      else ())
 
 
 @needs_root
@@ -1110,7 +1111,8 @@ def test_isolation_off_inits_run_job_after_job_as_the_job_user_only(pki, tmp_pat
         who = py("import os\n"
                  "caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapInh', 'CapPrm', "
                  "'CapEff', 'CapAmb'))]\n"
-                 "try:\n    os.setresuid(0, 0, 0)\n    root = 'root again'\nexcept PermissionError:\n    root = 'no root'\n"
+                 "try:\n    os.setresuid(0, 0, 0)\n    root = 'root again'\n"
+                 "except PermissionError:\n    root = 'no root'\n"
                  "try:\n    open(f'/proc/{os.getppid()}/environ').read()\n    init = 'init open'\n"
                  "except PermissionError:\n    init = 'init closed'\n"
                  "print(os.getppid(), *os.getresuid(), *os.getresgid(), os.getgroups(), *caps, root, init)")
@@ -1128,15 +1130,15 @@ def test_isolation_off_inits_run_job_after_job_as_the_job_user_only(pki, tmp_pat
         # A job that kills its init ends as killed, and what it left running ends too (it holds the job's stdout: the
         # job would not end otherwise).
         label = marker()
-        job_id = admin.start(py(gate.hold("") + f"import os, subprocess\nsubprocess.Popen(['setsid', 'sleep', '{label}'])\n"
-                                                "os.kill(os.getppid(), 9)\n"))
+        job_id = admin.start(py(gate.hold("") + "import os, subprocess\n"
+                                f"subprocess.Popen(['setsid', 'sleep', '{label}'])\nos.kill(os.getppid(), 9)\n"))
         gate.open()  # once its Start has returned
         status = list(admin.stub.Stream(pb.StreamRequest(job_id=job_id), timeout=60))[-1].status  # the job's end
         assert status.state == pb.EXITED and status.signal == signal.SIGKILL
         assert processes_with(label) == []
         # A job that stops its init is still ended by a Stop, which kills the init when it does not act.
         job_id = admin.start(py(gate.hold("") + "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\n"
-                                                f"print('stopped', flush=True)\nos.execvp('sleep', ['sleep', '{label}'])\n"))
+                                "print('stopped', flush=True)\n" f"os.execvp('sleep', ['sleep', '{label}'])\n"))
         gate.open()
         collect_until(admin, job_id, len(b"stopped\n"))
         status = admin.stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=60)
