@@ -71,7 +71,7 @@ MAX_STOP_GRACE = 3600.0
 SHUTDOWN_GRACE = 5.0               # the same, for the jobs still running when the server shuts down
 KILL_GRACE = 5.0                   # seconds an init has to carry out a kill before it is killed itself
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
-SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE = 1, 2
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -115,10 +115,11 @@ class OutputLog:
     `runs` and `closed` change under `cond`, and every change wakes the readers waiting on it.
 
     The output also leaves the page cache behind it: every WRITE_BEHIND bytes the log asks the disk to take them, and
-    what the disk has taken and every reader has read is dropped from memory. A job that writes 100 GB does not push
-    the host's own files out of memory, and its writes land in pages just freed rather than in memory touched for the
-    first time (which, in a virtual machine, can cost the host a fault per page). A reader far behind reads the disk.
-    On a disk slower than the job's output the pump waits for the disk, as it would for the kernel's own writeback.
+    what the disk has taken and every reader has read is dropped from memory, as the writer and each reader move on
+    (a reader of an ended job, too). A job that writes 100 GB does not push the host's own files out of memory, and
+    its writes land in pages just freed rather than in memory touched for the first time (which, in a virtual
+    machine, can cost the host a fault per page). A reader far behind reads the disk. On a disk slower than the job's
+    output the pump waits for the disk, as it would for the kernel's own writeback.
     """
 
     RUN = struct.Struct("<QB")  # the offset where a run begins, and its source (STDOUT or STDERR)
@@ -137,7 +138,7 @@ class OutputLog:
             os.unlink(self.paths[0])
             raise
         self._source = None
-        self._written_back = self._kept_from = 0  # what the disk was asked to take; what memory may still hold
+        self._written_back = self._kept_from = 0  # what the disk was asked to take; what the writer has dropped
         self.size = 0
         self.runs = 0
         self.closed = False
@@ -167,25 +168,36 @@ class OutputLog:
             self.runs += new_run
             self.cond.notify_all()
         if self.size - self._written_back >= self.WRITE_BEHIND:
-            self._leave_behind()
+            done = self._write_behind()  # what was handed to the disk a step before is written by now:
+            self._kept_from = self.drop_behind(self._output, self._kept_from, done)
         return count
 
-    def _leave_behind(self):
-        # What was handed to the disk one step ago is written by now, on any disk that keeps up with the job; pages
-        # still being written are kept (and stay until memory is needed): this is a hint, never worth a job's output.
-        with self.cond:
-            slowest = min((reader.offset for reader in self.readers), default=self.size)
+    def _write_behind(self):
+        """Asks the disk to take what was written since the last time; returns where the last time ended."""
         done = self._written_back
         _libc.sync_file_range(self._output, ctypes.c_int64(done), ctypes.c_int64(self.size - done),
                               SYNC_FILE_RANGE_WRITE)
-        self._written_back = self.size
-        until = min(done, slowest) & ~(PAGE_SIZE - 1)
-        if until > self._kept_from:
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self._output, self._kept_from, until - self._kept_from, os.POSIX_FADV_DONTNEED)
-            self._kept_from = until
+        with self.cond:
+            self._written_back = self.size
+        return done
+
+    def drop_behind(self, fd, start, written=None):
+        """Drops from memory, from `start` on, what the disk was asked to take (up to `written`) and every reader has
+        read; returns where that ends. The writer and each reader (who may read again what was dropped) keep their own
+        `start`, and call it with their own descriptor. Hints, never worth a job's output or a stream."""
+        with self.cond:
+            slowest = min((reader.offset for reader in self.readers), default=self.size)
+            until = min(self._written_back if written is None else written, slowest) & ~(PAGE_SIZE - 1)
+        if until <= start:
+            return start
+        # A page still being written cannot be dropped, and each page gets one try: wait for its write to end.
+        _libc.sync_file_range(fd, ctypes.c_int64(start), ctypes.c_int64(until - start), SYNC_FILE_RANGE_WAIT_BEFORE)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, start, until - start, os.POSIX_FADV_DONTNEED)
+        return until
 
     def close(self):
+        self._write_behind()  # the last of it, so that its readers can drop it too
         os.close(self._output)
         os.close(self._runs)
         with self.cond:
@@ -236,6 +248,8 @@ class LogReader:
         output = os.open(output_log.paths[0], os.O_RDONLY | os.O_CLOEXEC)
         self._runs = os.open(output_log.paths[1], os.O_RDONLY | os.O_CLOEXEC)
         run = run_end = source = None  # the run that holds offset, its source, and its end once the next has begun
+        dropped = self.offset & ~(PAGE_SIZE - 1)  # what this reader read before it has left memory
+        next_drop = self.offset + OutputLog.WRITE_BEHIND
         with output_log.cond:
             output_log.readers.add(self)  # what it has yet to read stays in memory
         try:
@@ -259,9 +273,13 @@ class LogReader:
                 data = os.pread(output, min(self._chunk, end - self.offset), self.offset)
                 yield source, self.offset, data
                 self.offset += len(data)
+                if self.offset >= next_drop:
+                    dropped = output_log.drop_behind(output, dropped)
+                    next_drop = self.offset + OutputLog.WRITE_BEHIND
         finally:
             with output_log.cond:
                 output_log.readers.discard(self)
+            output_log.drop_behind(output, dropped)
             os.close(output)
             os.close(self._runs)
 

@@ -354,6 +354,22 @@ def test_output_larger_than_100_mb_is_byte_exact(admin):
     assert hashlib.sha256(out).digest() == hashlib.sha256(pattern(blocks)).digest()
 
 
+@pytest.mark.skipif(not shutil.which("fincore"), reason="util-linux's fincore is needed to see the page cache")
+def test_output_leaves_the_page_cache_behind_it_streamed_live_or_again(server, admin):
+    """What the disk has taken and every stream has read is dropped from memory, so a job's output does not fill the
+    page cache: neither streamed live, nor read again once the job has ended."""
+    size, bound = 96 << 20, 3 * jobworker.OutputLog.WRITE_BEHIND  # the last steps of the writer and the reader
+    job_id = admin.start(["head", "-c", str(size), "/dev/zero"])
+    path = os.path.join(server.data_dir, "jobs", f"{job_id}.output")
+
+    def resident():
+        return int(subprocess.check_output(["fincore", "--bytes", "--noheadings", "--output", "RES", path]))
+    for _ in ("live", "again"):
+        out, _, status, _ = collect(admin, job_id)
+        assert len(out) == size and status.exit_code == 0
+        assert resident() <= bound
+
+
 def test_job_environment_is_clean_and_stdin_empty(admin):
     out, _, status = run_job(admin, ["sh", "-c", "env; cat; echo end"])
     env = dict(line.split("=", 1) for line in out.decode().splitlines() if "=" in line)
