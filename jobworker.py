@@ -1338,9 +1338,15 @@ class Init:
                 _loopback_up()
             if not self.pid_ns:
                 prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come to us, not to the host's init
-            stage = "priority"
-            if os.geteuid() == 0:  # made at the launcher's lower priority; from here on, a Start waits for us
-                os.setpriority(os.PRIO_PROCESS, 0, 0)
+            stage = "privilege"
+            # Nothing of the server's privilege but root's ids goes to the job: none of the capabilities it may have
+            # been started with, ambient or inheritable (ambient ones would survive the command's exec while a saved
+            # id is root; inheritable ones combine with a file's own), and no groups.
+            prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+            clear_inheritable_capabilities()
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setpriority(os.PRIO_PROCESS, 0, 0)  # made at the launcher's lower priority; now a Start waits
         except OSError as e:
             self._say({"error": e.errno, "stage": stage, "message": str(e)})
             return False
@@ -1372,17 +1378,12 @@ class Init:
         return True
 
     def _become(self, uid, gid):
-        """Becomes the job's user (no groups, no capabilities), so that nothing of the job runs as root, the init
-        included: for good, or, in a reusable init, with our own ids kept as the saved ones (the command's exec
-        replaces them with the user's)."""
+        """Becomes the job's user (no groups, no capabilities: see _prepare), so that nothing of the job runs as root,
+        the init included: for good, or, in a reusable init, with our own ids kept as the saved ones (the command's
+        exec replaces them with the user's)."""
         if self.reusable:
             self.owner = os.getuid(), os.getgid()
         saved_uid, saved_gid = self.owner or (uid, gid)
-        # Capabilities the server was started with, ambient or inheritable, are not the job's: ambient ones would
-        # survive the command's exec while a saved id is root, and inheritable ones combine with a file's own.
-        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-        clear_inheritable_capabilities()
-        os.setgroups([])
         os.setresgid(gid, gid, saved_gid)
         os.setresuid(uid, uid, saved_uid)
 
