@@ -168,7 +168,8 @@ class OutputLog:
             self.runs += new_run
             self.cond.notify_all()
         if self.size - self._written_back >= self.WRITE_BEHIND:
-            done = self._write_behind()  # what was handed to the disk a step before is written by now:
+            done = self._write_behind()
+            # Dropped only up to what was handed to the disk a step before, which is written by now.
             self._kept_from = self.drop_behind(self._output, self._kept_from, done)
         return count
 
