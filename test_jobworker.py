@@ -1161,8 +1161,8 @@ def test_isolation_off_inits_run_job_after_job_as_the_job_user_only(pki, tmp_pat
         assert status.state == pb.STOPPED and status.signal == signal.SIGKILL
         assert processes_with(label) == []
         # Inits that die while they wait for a job cost no Start: each is passed over for another.
-        launcher = next(pid for pid in jobworker._children(server.proc.pid)
-                        if b"jobworker_launcher" in open(f"/proc/{pid}/cmdline", "rb").read())
+        launcher = next(pid for pid in processes_with("jobworker_launcher")
+                        if pid in jobworker._children(server.proc.pid))
         waiting = [pid for pid in jobworker._children(launcher) if not jobworker._children(pid)]
         assert waiting
         for pid in waiting:
