@@ -8,8 +8,11 @@ every ratio to its baseline and every target's outcome, so that runs can be comp
     baselines  raw pipe throughput (head -c N /dev/zero | cat > /dev/null); local spawn latency of /bin/true from
                Python's subprocess; the framework ceiling: a bare gRPC server-streaming RPC over the same mutual TLS,
                sending the same bytes in the same messages, in a process of its own
-    start      Start round trip on a warm channel, isolation on and off, back to back and (for a client that is not
-               in a loop) after 50 ms idle; Start-to-exit (Start, then the stream's end)
+    start      Start round trip on a warm channel, isolation on and off: back to back; after 100 ms idle (a client
+               that is not in a loop), taking turns with a Query of an ended job after the same idle, the authorized
+               round trip it is judged against, as both pay for waking idle CPUs; Start-to-exit (Start, then the
+               stream's end); and Starts per second from 8 client threads (a channel each) back to back, against
+               Python's own spawn of /bin/true from as many threads
     stream     one client receiving a job's output (head -c N /dev/zero) through the API while the job runs, and
                through the CLI into /dev/null; also, to tell the causes apart, the same job's output streamed again
                once it has ended, and how fast the server took the output in (the job's run time)
@@ -26,7 +29,8 @@ Nothing is left behind: every server is stopped with SIGTERM (SIGKILL if it does
 are checked to be gone, and the temporary directory is removed, whatever happens; should the bench itself be killed,
 its servers get SIGTERM and its helper processes SIGKILL from the kernel (PR_SET_PDEATHSIG).
 
-Environment: BENCH_QUICK=1 for a short run (64 MB streams, 100 starts, 16 fan-out clients, 100 scale jobs);
+Environment: BENCH_QUICK=1 for a short run (64 MB streams, 100 starts back to back and 20 paced, 100 per run of the
+start rate, 16 fan-out clients, 100 scale jobs);
 BENCH_FANOUT_PROCS (default 2) for the number of processes the fan-out clients are spread over; TMPDIR for where the
 certificates and the servers' data (job output: several GB in a full run) go; with --isolation on it must be on a
 block device (the server refuses to run with disk limits unavailable).
@@ -65,15 +69,18 @@ QUICK = os.environ.get("BENCH_QUICK", "0") not in ("", "0")
 
 if QUICK:
     STREAM_BYTES, FANOUT_BYTES, FANOUT_CLIENTS = 64 * MB, 64 * MB, 16
-    STARTS, EXITS, PACED, SCALE_JOBS, REPS, FANOUT_REPS = 100, 30, 20, 100, 3, 1
+    STARTS, EXITS, PACED, RATE_STARTS, SCALE_JOBS, REPS, FANOUT_REPS = 100, 30, 20, 100, 100, 3, 1
 else:
     STREAM_BYTES, FANOUT_BYTES, FANOUT_CLIENTS = 1024 * MB, 256 * MB, 64
-    STARTS, EXITS, PACED, SCALE_JOBS, REPS, FANOUT_REPS = 300, 100, 60, 1000, 5, 3
+    STARTS, EXITS, PACED, RATE_STARTS, SCALE_JOBS, REPS, FANOUT_REPS = 300, 100, 60, 400, 1000, 5, 3
 FANOUT_SMALL_BYTES = FANOUT_BYTES // 4    # the second output size, to see whether memory growth follows output size
 START_ROUNDS = 10                          # start-latency samples are taken in this many interleaved rounds
-PACE = 0.05                                # idle seconds before each paced Start (a client that is not in a loop)
+PACE = 0.1                                 # idle seconds before each paced call (a client that is not in a loop)
 WARMUP = 20                                # discarded calls on each channel before timing
 FANOUT_PROCS = max(1, min(int(os.environ.get("BENCH_FANOUT_PROCS", "2")), FANOUT_CLIENTS))
+RATE_THREADS = 8                           # client threads (each with its own channel) measuring the start rate
+RATE_REPS = 3                              # interleaved runs of the start rate, each of RATE_STARTS per mode
+RATE_SETTLE = 0.5                          # idle seconds after each run: what it leaves to do is not the next's cost
 SCALE_THREADS = 8                          # client threads (each with its own channel) starting the scale jobs
 SCALE_COMMAND = ["sleep", "60"]
 RPC_TIMEOUT = 60.0
@@ -81,8 +88,11 @@ STREAM_TIMEOUT = 600.0
 
 TARGETS = {  # name: threshold
     "stream_vs_ceiling_min": 0.7,
-    "start_p50_ms_isolated_max": 5.0,
-    "start_p50_ms_plain_max": 2.0,
+    "stream_vs_pipe_min": 0.21,               # and above the ssh level, put at this share of the pipe
+    "start_paced_vs_query_plain_max": 2.0,    # a paced Start's p50 over a paced Query's, on the same server
+    "start_paced_vs_query_isolated_max": 2.5,
+    "start_rate_per_s_plain_min": 200.0,
+    "start_rate_per_s_isolated_min": 150.0,
     "fanout_vs_stream_min": 0.8,
     "fanout_growth_mb_max": 100.0,
     "fanout_growth_size_slack_mb": 16.0,  # growth at the full output size may exceed that at a quarter by this much
@@ -143,7 +153,7 @@ def reset_hwm(pid):
         return False
 
 
-children = jobworker._children
+children = jobworker.children_of
 
 
 def descendants(pid):
@@ -628,29 +638,38 @@ def start_job(client, command):
     return client.stub.Start(pb.StartRequest(command=command), timeout=RPC_TIMEOUT).job_id
 
 
+def run_to_end(client):
+    """Starts `true` and streams it to its end: its job id, or BenchError unless it exited 0."""
+    job_id = start_job(client, ["true"])
+    _, ok, problem = receive(client.stub.Stream(pb.StreamRequest(job_id=job_id), timeout=RPC_TIMEOUT), 0)
+    if not ok:
+        raise BenchError(f"start-to-exit: {problem}")
+    return job_id
+
+
 def start_latency_phase(results, iso, plain):
-    """Spawn, Start (isolation off and on) and Start-to-exit, interleaved in rounds on warm channels."""
+    """Spawn, Start (isolation off and on), Start-to-exit and paced Starts and Queries, interleaved in rounds on warm
+    channels."""
     clients = {"plain": plain.client(), "isolated": iso.client()}
     for client in clients.values():
         for _ in range(WARMUP):
             start_job(client, ["true"])
+    ended = {mode: run_to_end(client) for mode, client in clients.items()}  # the job the paced Queries ask about
+    for mode, client in clients.items():
+        for _ in range(WARMUP):
+            client.stub.Query(pb.QueryRequest(job_id=ended[mode]), timeout=RPC_TIMEOUT)
     for _ in range(WARMUP):
         subprocess.Popen(["/bin/true"]).wait()
         subprocess.run(["/bin/true"])
     starts = {"plain": [], "isolated": []}
-    paced = {"plain": [], "isolated": []}
+    paced = {mode: {"start": [], "query": []} for mode in clients}
     exits = {"plain": [], "isolated": []}
     spawn_samples, spawn_run = [], []
-    failures = []
 
-    def start_to_exit(client):
-        t0 = time.perf_counter()
-        job_id = start_job(client, ["true"])
-        _, ok, problem = receive(client.stub.Stream(pb.StreamRequest(job_id=job_id), timeout=RPC_TIMEOUT), 0)
-        elapsed = time.perf_counter() - t0
-        if not ok:
-            failures.append(problem)
-        return elapsed
+    def paced_calls(mode):
+        client, job_id = clients[mode], ended[mode]
+        return {"start": lambda: start_job(client, ["true"]),
+                "query": lambda: client.stub.Query(pb.QueryRequest(job_id=job_id), timeout=RPC_TIMEOUT)}
 
     for round_ in range(START_ROUNDS):
         per_round = STARTS // START_ROUNDS + (1 if round_ < STARTS % START_ROUNDS else 0)
@@ -672,21 +691,25 @@ def start_latency_phase(results, iso, plain):
                 starts[mode].append(time.perf_counter() - t0)
         for mode in modes:
             for _ in range(exits_per_round):
-                exits[mode].append(start_to_exit(clients[mode]))
-        for mode in modes:
-            for _ in range(paced_per_round):
-                time.sleep(PACE)
                 t0 = time.perf_counter()
-                start_job(clients[mode], ["true"])
-                paced[mode].append(time.perf_counter() - t0)
-    if failures:
-        raise BenchError(f"start-to-exit: {failures[0]} ({len(failures)} times)")
+                run_to_end(clients[mode])
+                exits[mode].append(time.perf_counter() - t0)
+        for mode in modes:
+            calls = paced_calls(mode)
+            for i in range(paced_per_round):
+                # Start and Query take turns at going first, so that neither is always the one after the other
+                for kind in ("start", "query") if i % 2 == 0 else ("query", "start"):
+                    time.sleep(PACE)
+                    t0 = time.perf_counter()
+                    calls[kind]()
+                    paced[mode][kind].append(time.perf_counter() - t0)
     ms = 1000.0
     results["spawn_p50_ms"] = percentile(spawn_samples, 50) * ms
     results["spawn_p99_ms"] = percentile(spawn_samples, 99) * ms
     results["spawn_exit_p50_ms"] = percentile(spawn_run, 50) * ms
     results["spawn_exit_p99_ms"] = percentile(spawn_run, 99) * ms
     results["spawn_samples"] = len(spawn_samples)
+    results["pace_ms"] = PACE * ms
     for mode in ("plain", "isolated"):
         results[f"start_p50_ms_{mode}"] = percentile(starts[mode], 50) * ms
         results[f"start_p99_ms_{mode}"] = percentile(starts[mode], 99) * ms
@@ -694,8 +717,57 @@ def start_latency_phase(results, iso, plain):
         results[f"exit_p50_ms_{mode}"] = percentile(exits[mode], 50) * ms
         results[f"exit_p99_ms_{mode}"] = percentile(exits[mode], 99) * ms
         results[f"exit_samples_{mode}"] = len(exits[mode])
-        results[f"start_paced_p50_ms_{mode}"] = percentile(paced[mode], 50) * ms
-        results[f"start_paced_p99_ms_{mode}"] = percentile(paced[mode], 99) * ms
+        for kind in ("start", "query"):
+            results[f"{kind}_paced_p50_ms_{mode}"] = percentile(paced[mode][kind], 50) * ms
+            results[f"{kind}_paced_p99_ms_{mode}"] = percentile(paced[mode][kind], 99) * ms
+        results[f"paced_samples_{mode}"] = len(paced[mode]["start"])
+    queries = paced["plain"]["query"] + paced["isolated"]["query"]  # the same call in either mode
+    results["query_paced_p50_ms"] = percentile(queries, 50) * ms
+    results["query_paced_p99_ms"] = percentile(queries, 99) * ms
+
+
+def wait_ended(client, job_ids, timeout=30.0):
+    """Waits for jobs of `true` to end: BenchError unless every one has exited 0 within timeout."""
+    deadline = time.monotonic() + timeout
+    for job_id in job_ids:
+        while (status := client.stub.Query(pb.QueryRequest(job_id=job_id), timeout=RPC_TIMEOUT)).state == pb.RUNNING:
+            if time.monotonic() > deadline:
+                raise BenchError(f"job {job_id} (`true`) still running {timeout:.0f} s later")
+            time.sleep(0.01)
+        if status.state != pb.EXITED or status.exit_code != 0:
+            raise BenchError(f"job {job_id} (`true`) ended {pb.JobState.Name(status.state)}, exit {status.exit_code}")
+
+
+def start_rate_phase(results, iso, plain):
+    """Starts of `true` per second, RATE_STARTS back to back from RATE_THREADS client threads, isolation off and on,
+    and Python's own spawn of /bin/true from as many threads; RATE_REPS interleaved runs, medians."""
+    clients = {"plain": [plain.client() for _ in range(RATE_THREADS)],
+               "isolated": [iso.client() for _ in range(RATE_THREADS)]}
+    for client in clients["plain"] + clients["isolated"]:
+        for _ in range(3):
+            start_job(client, ["true"])
+    workers = {"spawn": [lambda: subprocess.run(["/bin/true"], check=True)] * RATE_THREADS,
+               **{mode: [lambda c=c: start_job(c, ["true"]) for c in clients[mode]] for mode in clients}}
+    names = list(workers)
+    rates = {name: [] for name in names}
+    for rep in range(RATE_REPS):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate, so no one always runs first
+            seconds, job_ids, errors = in_threads(RATE_STARTS, workers[name])
+            if len(job_ids) != RATE_STARTS:
+                raise BenchError(f"start rate, {name}: {RATE_STARTS - len(job_ids)} of {RATE_STARTS} failed"
+                                 + (f", the first {errors[0]}" if errors else ""))
+            rates[name].append(RATE_STARTS / seconds)
+            if name in clients:  # its jobs end before the next run, which must not find them still running
+                wait_ended(clients[name][0], job_ids)
+            log(f"  rep {rep + 1}/{RATE_REPS} {name}: {rates[name][-1]:.0f}/s")
+            time.sleep(RATE_SETTLE)
+    results["spawn_rate_per_s"] = median(rates["spawn"])
+    for mode in clients:
+        results[f"start_rate_per_s_{mode}"] = median(rates[mode])
+        results[f"start_rate_per_s_{mode}_runs"] = [round(v, 1) for v in rates[mode]]
+    results["spawn_rate_per_s_runs"] = [round(v, 1) for v in rates["spawn"]]
+    results["start_rate_starts"] = RATE_STARTS
+    results["start_rate_threads"] = RATE_THREADS
 
 
 def throughput_phase(results, server, ceiling_addr, certs):
@@ -868,25 +940,9 @@ def scale_phase(results, monitor, server):
     time.sleep(0.5)
     base_status = proc_status(server.pid)
     available_before = mem_available_kb()
-    job_ids, errors = [], []
-    lock = threading.Lock()
-    counter = iter(range(SCALE_JOBS))
-
-    def starter(client):
-        while True:
-            with lock:
-                if next(counter, None) is None:
-                    return
-            try:
-                job_id = start_job(client, SCALE_COMMAND)
-                with lock:
-                    job_ids.append(job_id)
-            except grpc.RpcError as e:
-                with lock:
-                    errors.append(f"{e.code().name}: {e.details()}")
-
+    starters = [lambda c=c: start_job(c, SCALE_COMMAND) for c in clients]
     with monitor.phase(f"scale: start {SCALE_JOBS} jobs", [server.name]):
-        results["scale_start_s"] = on_every_client(starter, clients)
+        results["scale_start_s"], job_ids, errors = in_threads(SCALE_JOBS, starters)
     results["scale_start_errors"] = len(errors)
     if errors:
         results["scale_start_error"] = errors[0]
@@ -931,25 +987,14 @@ def scale_phase(results, monitor, server):
         results["scale_jobs_after"] = sum(1 for s in listing if s.job_id in ours and s.state == pb.RUNNING)
 
     command_pids = identities(job.pid for job in running)
+    pending = list(job_ids)
+
+    def stop_one(client):  # list.pop is atomic: each call stops a job of its own
+        return client.stub.Stop(pb.StopRequest(job_id=pending.pop(), force=True), timeout=RPC_TIMEOUT).state
+
+    stoppers = [lambda c=c: stop_one(c) for c in clients]
     with monitor.phase(f"scale: stop {len(job_ids)} jobs", [server.name]):
-        stop_errors, stopped = [], []
-        pending = list(job_ids)
-
-        def stopper(client):
-            while True:
-                with lock:
-                    if not pending:
-                        return
-                    job_id = pending.pop()
-                try:
-                    status = client.stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=RPC_TIMEOUT)
-                    with lock:
-                        stopped.append(status.state)
-                except grpc.RpcError as e:
-                    with lock:
-                        stop_errors.append(f"{e.code().name}: {e.details()}")
-
-        results["scale_stop_s"] = on_every_client(stopper, clients)
+        results["scale_stop_s"], stopped, stop_errors = in_threads(len(job_ids), stoppers)
     results["scale_stop_errors"] = len(stop_errors)
     results["scale_stopped"] = sum(1 for s in stopped if s == pb.STOPPED)
     deadline = time.monotonic() + 10
@@ -957,13 +1002,40 @@ def scale_phase(results, monitor, server):
         time.sleep(0.05)
     launcher = server.launcher_pid()
     # Inits still under the launcher with something under them are leftovers; inits with nothing under them are the
-    # few the server keeps ready for the next Starts (jobworker.Launcher.POOL), not jobs.
+    # few the server keeps ready for the next Starts (jobworker.InitPool.SIZE), not jobs.
     live_inits = [p for p in children(launcher) if (stat := proc_stat(p)) and stat[0] != "Z"] if launcher else []
     busy_inits = sum(1 for p in live_inits if descendants(p))
     results["scale_ready_inits"] = len(live_inits) - busy_inits
     results["scale_processes_left"] = sum(1 for i in command_pids if alive(i)) + busy_inits
     if errors or stop_errors:
         log(f"  scale: {len(errors)} start errors, {len(stop_errors)} stop errors: {(errors + stop_errors)[0]}")
+
+
+def in_threads(count, calls):
+    """Makes `count` calls in all, back to back, each thread (one per function in calls) calling its own: the seconds
+    until all are done, what the calls returned, and a description of each that raised."""
+    lock = threading.Lock()
+    todo = iter(range(count))
+    returned, errors = [], []
+
+    def loop(call):
+        while True:
+            with lock:
+                if next(todo, None) is None:
+                    return
+            try:
+                value = call()
+            except grpc.RpcError as e:
+                with lock:
+                    errors.append(f"{e.code().name}: {e.details()}")
+            except (OSError, subprocess.SubprocessError) as e:
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+            else:
+                with lock:
+                    returned.append(value)
+
+    return on_every_client(loop, calls), returned, errors
 
 
 def on_every_client(work, clients):
@@ -1006,10 +1078,19 @@ def evaluate(r):
     check("target_stream_vs_ceiling", f"one stream >= {t['stream_vs_ceiling_min']} x ceiling",
           None if r.get("stream_vs_ceiling") is None else r["stream_vs_ceiling"] >= t["stream_vs_ceiling_min"],
           fmt(r.get("stream_vs_ceiling"), ".2f", " x"))
-    for mode, limit in (("isolated", t["start_p50_ms_isolated_max"]), ("plain", t["start_p50_ms_plain_max"])):
-        value = r.get(f"start_p50_ms_{mode}")
-        check(f"target_start_p50_{mode}", f"start p50 {mode} <= {limit:g} ms",
-              None if value is None else value <= limit, fmt(value, ".2f", " ms"))
+    check("target_stream_vs_pipe", f"one stream >= {t['stream_vs_pipe_min']} x pipe (the ssh level)",
+          None if r.get("stream_vs_pipe") is None else r["stream_vs_pipe"] >= t["stream_vs_pipe_min"],
+          fmt(r.get("stream_vs_pipe"), ".2f", " x"))
+    for mode, switch in (("plain", "off"), ("isolated", "on")):
+        limit, value = t[f"start_paced_vs_query_{mode}_max"], r.get(f"start_paced_vs_query_{mode}")
+        check(f"target_start_paced_vs_query_{mode}", f"paced Start <= {limit:g} x paced Query, isolation {switch}",
+              None if value is None else value <= limit,
+              f"{fmt(value, '.2f', ' x')} ({fmt(r.get(f'start_paced_p50_ms_{mode}'))} / "
+              f"{fmt(r.get(f'query_paced_p50_ms_{mode}'))} ms, p50)")
+    for mode, switch in (("plain", "off"), ("isolated", "on")):
+        limit, value = t[f"start_rate_per_s_{mode}_min"], r.get(f"start_rate_per_s_{mode}")
+        check(f"target_start_rate_{mode}", f"Starts/s from {RATE_THREADS} threads >= {limit:g}, isolation {switch}",
+              None if value is None else value >= limit, fmt(value, ".0f", " /s"))
     check("target_fanout_vs_stream", f"fan-out aggregate >= {t['fanout_vs_stream_min']} x one stream",
           None if r.get("fanout_vs_stream") is None else r["fanout_vs_stream"] >= t["fanout_vs_stream_min"],
           fmt(r.get("fanout_vs_stream"), ".2f", " x"))
@@ -1057,6 +1138,8 @@ def add_ratios(r):
         put(f"exit_p50_{mode}_vs_spawn", f"exit_p50_ms_{mode}", "spawn_exit_p50_ms")
         put(f"exit_p99_{mode}_vs_spawn", f"exit_p99_ms_{mode}", "spawn_exit_p99_ms")
         put(f"start_paced_p50_{mode}_vs_spawn", f"start_paced_p50_ms_{mode}", "spawn_p50_ms")
+        put(f"start_paced_vs_query_{mode}", f"start_paced_p50_ms_{mode}", f"query_paced_p50_ms_{mode}")
+        put(f"start_rate_{mode}_vs_spawn", f"start_rate_per_s_{mode}", "spawn_rate_per_s")
     put("start_p50_isolated_vs_plain", "start_p50_ms_isolated", "start_p50_ms_plain")
     put("scale_job_pss_vs_plain_process", "scale_job_pss_mb", "sleep_pss_mb")
     put("scale_start_ms_per_job_vs_spawn", "scale_start_ms_per_job", "spawn_p50_ms")
@@ -1092,17 +1175,23 @@ def print_table(r, checks, monitor):
     row("plain `sleep 60` process PSS", r.get("sleep_pss_mb"), "MB", spec=".2f")
     section("Start latency (warm channel)")
     for kind in ("plain", "isolated"):
-        row(f"Start `true`, isolation {'off' if kind == 'plain' else 'on'}, p50", r.get(f"start_p50_ms_{kind}"), "ms",
+        switch = "off" if kind == "plain" else "on"
+        row(f"Start `true` back to back, isolation {switch}, p50", r.get(f"start_p50_ms_{kind}"), "ms",
             f"{fmt(r.get(f'start_p50_{kind}_vs_spawn'), '.1f')} x spawn", spec=".2f")
-        row(f"Start `true`, isolation {'off' if kind == 'plain' else 'on'}, p99", r.get(f"start_p99_ms_{kind}"), "ms",
+        row(f"Start `true` back to back, isolation {switch}, p99", r.get(f"start_p99_ms_{kind}"), "ms",
             f"{fmt(r.get(f'start_p99_{kind}_vs_spawn'), '.1f')} x spawn", spec=".2f")
     for kind in ("plain", "isolated"):
-        row(f"Start `true` after {PACE * 1000:.0f} ms idle, isolation {'off' if kind == 'plain' else 'on'}, p50",
-            r.get(f"start_paced_p50_ms_{kind}"), "ms",
-            f"{fmt(r.get(f'start_paced_p50_{kind}_vs_spawn'), '.1f')} x spawn",
-            spec=".2f")
-        row(f"Start `true` after {PACE * 1000:.0f} ms idle, isolation {'off' if kind == 'plain' else 'on'}, p99",
-            r.get(f"start_paced_p99_ms_{kind}"), "ms", spec=".2f")
+        switch = "off" if kind == "plain" else "on"
+        for p in ("p50", "p99"):
+            row(f"Start `true` after {PACE * 1000:.0f} ms idle, isolation {switch}, {p}",
+                r.get(f"start_paced_{p}_ms_{kind}"), "ms",
+                f"{fmt(r.get(f'start_paced_vs_query_{kind}'), '.2f')} x paced Query" if p == "p50" else None,
+                spec=".2f")
+        for p in ("p50", "p99"):
+            row(f"Query of an ended job after {PACE * 1000:.0f} ms idle, isolation {switch}, {p}",
+                r.get(f"query_paced_{p}_ms_{kind}"), "ms", spec=".2f")
+    row(f"Query of an ended job after {PACE * 1000:.0f} ms idle, both servers, p50 / p99",
+        f"{fmt(r.get('query_paced_p50_ms'), '.2f')} / {fmt(r.get('query_paced_p99_ms'), '.2f')}", "ms")
     for kind in ("plain", "isolated"):
         row(f"Start to stream's end, isolation {'off' if kind == 'plain' else 'on'}, p50",
             r.get(f"exit_p50_ms_{kind}"), "ms", f"{fmt(r.get(f'exit_p50_{kind}_vs_spawn'), '.1f')} x spawn-to-exit",
@@ -1110,9 +1199,14 @@ def print_table(r, checks, monitor):
         row(f"Start to stream's end, isolation {'off' if kind == 'plain' else 'on'}, p99",
             r.get(f"exit_p99_ms_{kind}"), "ms", f"{fmt(r.get(f'exit_p99_{kind}_vs_spawn'), '.1f')} x spawn-to-exit",
             spec=".2f")
+    section(f"Start rate ({RATE_STARTS} back to back from {RATE_THREADS} client threads, a channel each)")
+    row(f"spawn /bin/true from {RATE_THREADS} threads", r.get("spawn_rate_per_s"), "/s", spec=".0f")
+    for kind in ("plain", "isolated"):
+        row(f"Start `true`, isolation {'off' if kind == 'plain' else 'on'}", r.get(f"start_rate_per_s_{kind}"), "/s",
+            f"{fmt(r.get(f'start_rate_{kind}_vs_spawn'), '.2f')} x spawn", spec=".0f")
     section(f"Stream throughput ({STREAM_BYTES // MB} MB of head -c, isolation on)")
-    row("one client, API", r.get("stream_mbps"), "MB/s", f"{fmt(r.get('stream_vs_ceiling'), '.2f')} x ceiling",
-        spec=".0f")
+    row("one client, API", r.get("stream_mbps"), "MB/s", f"{fmt(r.get('stream_vs_ceiling'), '.2f')} x ceiling, "
+        f"{fmt(r.get('stream_vs_pipe'), '.2f')} x pipe", spec=".0f")
     row("one client, CLI into /dev/null", r.get("cli_stream_mbps"), "MB/s",
         f"{fmt(r.get('cli_stream_vs_ceiling'), '.2f')} x ceiling", spec=".0f")
     row("one client, API, the same job again once ended", r.get("stream_replay_mbps"), "MB/s",
@@ -1244,6 +1338,8 @@ def bench():
 
         with monitor.phase("start latency", ["isolated", "plain"]):
             phase("start latency", start_latency_phase, results, iso, plain)
+        with monitor.phase("start rate", ["isolated", "plain"]):
+            phase("start rate", start_rate_phase, results, iso, plain)
         with monitor.phase("stream throughput", ["isolated", "ceiling"]):
             phase("stream throughput", throughput_phase, results, iso, ceiling_addr, certs)
         phase("fan-out", fanout_phase, results, monitor, iso)
