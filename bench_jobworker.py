@@ -58,7 +58,7 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import jobworker  # noqa: E402  (first: it sets the TLS 1.2 cipher list in the environment before grpc loads)
+import jobworker  # noqa: E402
 import grpc  # noqa: E402
 from gen import jobworker_pb2 as pb  # noqa: E402
 

@@ -637,8 +637,8 @@ class JobManager:
             raise Refused("INVALID_ARGUMENT", "the command contains a NUL byte, which no argument can hold")
         limits = self.policy.resolve(limits)
         with self._under_way():
-            init = self.pool.take()
             try:
+                init = self.pool.take()
                 with contextlib.ExitStack() as undo:  # everything a failed Start must release, in reverse order
                     undo.callback(init.discard)
                     out_r, err_r = init.start(command, limits)
@@ -740,8 +740,8 @@ class Job:
             report, usage = {}, {}
         exit_code = report.get("exit_code")
         sig = 0 if exit_code is not None else report.get("signal", signal.SIGKILL)  # no report: the init was killed
-        # The init says whether a Stop's signal reached the job before its command ended; a Stop that came after
-        # finds it EXITED.
+        # The init says whether a Stop's signal ended the command; one that exited by itself as the Stop came, or
+        # before, is EXITED.
         if report.get("stopped", self.stop_requested):
             state = "STOPPED"
         elif usage.get("oom_killed") and sig == signal.SIGKILL:
@@ -781,6 +781,11 @@ class LimitPolicy:
                        "io_read_bps": 0, "io_write_bps": 0, "pids": 32768}
         self.maxima.update(maxima or {})
         self.available = set(available)
+        for name, value in self.defaults.items():
+            if self.maxima[name] and value > self.maxima[name]:
+                raise ValueError(f"the default {name} {value:g} exceeds the maximum of {self.maxima[name]:g}")
+        if 0 < self.defaults["memory_bytes"] < self.MIN_MEMORY:
+            raise ValueError("a default memory_bytes must be at least 4 MiB (the job's init needs some)")
 
     def resolve(self, requested):
         """The limits a job gets, or Refused (INVALID_ARGUMENT, FAILED_PRECONDITION)."""
@@ -1170,6 +1175,8 @@ class InitPool:
                 init = self._ready.pop() if self._ready else None
             if init is None:
                 ready, failure = self._make(1)
+                if failure and self._closed:
+                    raise Refused("UNAVAILABLE", "the server is shutting down")
                 if failure:
                     raise failure
                 return ready[0]
@@ -1203,7 +1210,7 @@ class InitPool:
                     return
                 missing = self.SIZE - len(self._ready)
             ready, failure = self._make(missing)
-            if failure:
+            if failure and not self._closed:
                 logging.error("cannot prepare a job's init: %s", failure)
             with self._changed:
                 self._ready += ready
@@ -1361,8 +1368,9 @@ class InitHandle:
             raise Refused("INTERNAL", "the job's init went away before it said why" if said is None
                           else f"the job's init said {said.value} out of turn")
         code, stage = fields.get("errno"), fields.get("stage")
-        if stage == "exec" and code in (errno.EAGAIN, errno.ENOMEM):
-            raise Refused("RESOURCE_EXHAUSTED", f"cannot start {command[0]!r}: {os.strerror(code)}")
+        if stage in ("launch", "exec") and code in (errno.EAGAIN, errno.ENOMEM):  # out of processes or memory
+            what = repr(command[0]) if command else "the job's init"
+            raise Refused("RESOURCE_EXHAUSTED", f"cannot start {what}: {os.strerror(code)}")
         if stage == "exec":
             raise Refused("INVALID_ARGUMENT", f"cannot execute {command[0]!r}: {os.strerror(code)}")
         raise Refused("INTERNAL", f"cannot set up the job ({stage}): {fields.get('message')}")
@@ -1497,7 +1505,7 @@ def launcher_main(fd):
         ready, _, _ = select.select([orders, wake_r], [], [])
         with contextlib.suppress(BlockingIOError):
             os.read(wake_r, 4096)
-        inits -= reap_children()  # at every wakeup: a SIGCHLD lost to a full pipe loses no child
+        inits -= reap_children().keys()  # at every wakeup: a SIGCHLD lost to a full pipe loses no child
         for orphan in set(children_of(os.getpid())) - inits:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(orphan, signal.SIGKILL)  # reaped at its SIGCHLD; its own children come to us then
@@ -1546,16 +1554,16 @@ def fork_init(order, channel, own_pid_namespace, launcher_fds):
 
 
 def reap_children():
-    """Reaps every child that has exited; returns their pids."""
-    reaped = set()
+    """Reaps every child that has exited: returns {pid: its wait status}."""
+    reaped = {}
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return reaped
         if pid == 0:
             return reaped
-        reaped.add(pid)
+        reaped[pid] = status
 
 
 class Init:
@@ -1576,7 +1584,7 @@ class Init:
         self.order = order
         self.pid_namespace = bool(order["namespaces"] & CLONE_NEWPID)
         self.command_pid = None
-        self.stopped = False  # a signal of the server's reached the job before its command ended
+        self.signalled = self.caught = False  # the server signalled the job; its command caught such a signal
 
     def run(self):
         libc("prctl", PR_SET_NAME, b"jobworker-init", 0, 0, 0)
@@ -1610,8 +1618,11 @@ class Init:
         kind, _, _ = receive(self.channel)  # the command is not reaped before the server has read its pid
         if kind is Message.NOTED:
             fields = self._supervise()
+            # Stopped: a signal of the server's ended the command, or the command caught it and then exited. One that
+            # exits with a code without catching it exited by itself (the signal came as it was exiting).
+            stopped = self.signalled and ("signal" in fields or self.caught)
             with contextlib.suppress(OSError):
-                send(self.channel, Message.ENDED, stopped=self.stopped, **fields)
+                send(self.channel, Message.ENDED, stopped=stopped, **fields)
         self._end_everything()
         os._exit(0)
 
@@ -1691,9 +1702,10 @@ class Init:
             signals = b""
             with contextlib.suppress(BlockingIOError):
                 signals = os.read(self.wake_r, 4096)
-            ended = self._reap()  # first, and at every wakeup: a signal that comes after the end does not count
-            if ended:
-                return ended
+            status = reap_children().get(self.command_pid)  # at every wakeup, before any signal is passed on
+            if status is not None:
+                code = os.waitstatus_to_exitcode(status)
+                return {"exit_code": code} if code >= 0 else {"signal": -code}
             for sig in set(signals) - {signal.SIGCHLD}:
                 self._signal_all(sig)
             if self.channel in ready:
@@ -1705,22 +1717,18 @@ class Init:
                     self._signal_all(signal.SIGKILL)
                     return {"signal": signal.SIGKILL}
                 if kind is Message.SIGNAL:
-                    self.stopped = True
+                    self.signalled = True
+                    self.caught = self.caught or self._catches(fields["signal"])
                     self._signal_all(fields["signal"])
 
-    def _reap(self):
-        """Reaps every child that has exited; returns how the command ended, once it has."""
-        ended = None
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return ended
-            if pid == 0:
-                return ended
-            if pid == self.command_pid:
-                ended = ({"exit_code": os.WEXITSTATUS(status)} if os.WIFEXITED(status)
-                         else {"signal": os.WTERMSIG(status)})
+    def _catches(self, sig):
+        """Whether the command has a handler for `sig` (if it cannot be told: yes)."""
+        try:
+            status = _read(f"/proc/{self.command_pid}/status")
+            caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+            return bool(int(caught, 16) >> (sig - 1) & 1)
+        except (OSError, StopIteration, ValueError):
+            return True
 
     def _signal_all(self, sig):
         """`sig` to every process of the job but us; a SIGTERM wakes stopped ones too, so that they can act on it."""
@@ -2104,8 +2112,12 @@ def serve(args):
     _raise_fd_limit()
     check_tls_files(args.cert, args.key, args.ca)
     _check_address_and_data_dir(args.addr, args.data_dir)
+    try:
+        policy = LimitPolicy(dict(args.defaults), dict(args.maxima))
+    except ValueError as e:
+        raise SystemExit(f"jobworker: {e}") from None
     sandbox = Sandbox(args.isolation, args.run_as, args.cgroup, args.io_device, args.data_dir)
-    policy = LimitPolicy(dict(args.defaults), dict(args.maxima), sandbox.controllers)
+    policy.available = sandbox.controllers
     # Blocked before any thread starts, so that every thread inherits the mask and only sigwait() below takes them: a
     # Python handler would run only when the main thread next runs bytecode, and it may be waiting on a lock.
     signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
@@ -2194,7 +2206,7 @@ def _number(kind, low, high):
         except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not in_range:
-            raise argparse.ArgumentTypeError(f"{text} is not from {low:g} to {high:g}")
+            raise argparse.ArgumentTypeError(f"{text} is not from {low} to {high}")
         return value
     return parse
 

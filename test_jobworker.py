@@ -8,6 +8,7 @@ import argparse
 import collections
 import contextlib
 import ctypes
+import errno
 import filecmp
 import functools
 import hashlib
@@ -940,6 +941,263 @@ def read_exactly(pipe, size):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The parts: what each piece of the server promises on its own
+# ---------------------------------------------------------------------------------------------------------------------
+
+SERVER_ONLY_MODULES = ("grpc", "google.protobuf", "threading", "logging", "concurrent.futures", "argparse", "ssl",
+                       "subprocess", "uuid")
+
+
+def test_the_launcher_loads_none_of_the_modules_only_the_server_needs():
+    """The launcher boots as Launcher.BOOT says (a bare interpreter that loads this file as a module of its own), and
+    every init is a fork of it: nothing only the server uses may be imported by loading the file."""
+    boot, _, call = jobworker.Launcher.BOOT.rpartition("; ")
+    assert call.startswith("m.launcher_main("), f"the launcher no longer boots as this test expects: {call}"
+    loaded = subprocess.run([sys.executable, "-I", "-S", "-c", boot + "; print(m.__name__, *sorted(sys.modules))",
+                             JOBWORKER], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded[0] == "jobworker_launcher"
+    assert [name for name in loaded for module in SERVER_ONLY_MODULES
+            if name == module or name.startswith(module + ".")] == []
+
+
+ONE_LOG = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                   suppress_health_check=[HealthCheck.function_scoped_fixture])
+PIECES = st.lists(st.tuples(st.sampled_from([jobworker.STDOUT, jobworker.STDERR]), st.binary(min_size=1, max_size=300)),
+                  max_size=12)
+
+
+@ONE_LOG
+@given(pieces=PIECES, splice=st.integers(1, 400), chunk=st.integers(1, 64))
+@example(pieces=[(jobworker.STDOUT, b"a" * 100), (jobworker.STDERR, b"b"), (jobworker.STDOUT, b"cc"),
+                 (jobworker.STDOUT, b"ddd"), (jobworker.STDERR, b"e" * 40)], splice=7, chunk=16)
+@example(pieces=[], splice=1, chunk=1)
+def test_a_log_reader_from_any_offset_yields_every_run_apart_and_every_byte_once(tmp_path, pieces, splice, chunk):
+    """An OutputLog fed from real pipes, stdout and stderr in turn (a run of one may come in several pieces, and a
+    piece in several splices), then closed: a LogReader from every offset (0, inside a run, at a boundary, at the
+    end) yields the bytes from there, in chunks of at most `chunk` that never cross from one run into the next."""
+    log = jobworker.OutputLog(os.path.join(tempfile.mkdtemp(dir=tmp_path), "log"))
+    pipes = {source: os.pipe() for source in (jobworker.STDOUT, jobworker.STDERR)}
+    try:
+        for source, data in pieces:
+            read, write = pipes[source]
+            os.write(write, data)
+            taken = 0
+            while taken < len(data):
+                taken += log.take_from(source, read, splice)
+    finally:
+        for fd in (fd for pipe in pipes.values() for fd in pipe):
+            os.close(fd)
+    log.close()
+    written = b"".join(data for _, data in pieces)
+    sources = [source for source, data in pieces for _ in data]  # each byte's
+    assert log.size == len(written)
+    for start in range(len(written) + 1):
+        expected, offset = [], start
+        while offset < len(written):  # up to `chunk` bytes, to the end of the run at most
+            end = offset + 1
+            while end < len(written) and end - offset < chunk and sources[end] == sources[offset]:
+                end += 1
+            expected.append((sources[offset], offset, written[offset:end]))
+            offset = end
+        got = list(jobworker.LogReader(log, start, chunk))
+        assert got == expected, f"from offset {start}"
+        assert b"".join(data for _, _, data in got) == written[start:]
+
+
+def test_limit_policy_applies_defaults_only_where_none_was_asked_for_and_the_controller_is_there():
+    policy = jobworker.LimitPolicy({"cpu_cores": 0.5, "memory_bytes": 64 * MiB, "pids": 100, "io_read_bps": MiB},
+                                   {"cpu_cores": 2.0, "memory_bytes": 256 * MiB}, available={"cpu", "memory"})
+    unset = dict.fromkeys(jobworker.LIMITS, 0)
+    assert policy.resolve({}) == {**unset, "cpu_cores": 0.5, "memory_bytes": 64 * MiB}  # no pids or io controller
+    assert policy.resolve({"memory_bytes": 32 * MiB}) == {**unset, "cpu_cores": 0.5, "memory_bytes": 32 * MiB}
+    assert policy.resolve({"cpu_cores": 2.0, "memory_bytes": 256 * MiB}) == \
+        {**unset, "cpu_cores": 2.0, "memory_bytes": 256 * MiB}  # a maximum itself is allowed
+    assert jobworker.LimitPolicy(available={"cpu", "memory", "io", "pids"}).resolve({}) == unset
+
+
+def test_limit_policy_refuses_what_is_over_a_maximum_unavailable_or_unusable():
+    policy = jobworker.LimitPolicy(maxima={"cpu_cores": 2.0, "memory_bytes": 256 * MiB, "pids": 50},
+                                   available={"cpu", "memory", "pids"})
+    refusal = lambda limits, of=policy: pytest.raises(jobworker.Refused, of.resolve, limits).value.code
+    INVALID, UNAVAILABLE = "INVALID_ARGUMENT", "FAILED_PRECONDITION"
+    for over in ({"cpu_cores": 2.001}, {"memory_bytes": 256 * MiB + 1}, {"pids": 51}):
+        assert refusal(over) == INVALID, over
+    for cores in (math.nan, math.inf, -math.inf, -1.0, -1e-9):
+        assert refusal({"cpu_cores": cores}) == INVALID, cores
+    for memory in (1, 4 * MiB - 1):
+        assert refusal({"memory_bytes": memory}) == INVALID, memory
+    assert policy.resolve({"memory_bytes": 4 * MiB})["memory_bytes"] == 4 * MiB
+    for elsewhere in ({"io_read_bps": 1}, {"io_write_bps": MiB}, {"pids": 10 ** 6, "io_read_bps": 1}):
+        assert refusal(elsewhere) == UNAVAILABLE, elsewhere  # however much is asked for: none can be had
+    bare = jobworker.LimitPolicy(available={"cpu", "memory"})  # the maxima of this host: its CPUs and its memory
+    assert refusal({"cpu_cores": os.cpu_count() + 0.5}, bare) == INVALID
+    assert refusal({"memory_bytes": jobworker.memory_total() + 1}, bare) == INVALID
+    assert bare.resolve({"cpu_cores": float(os.cpu_count())})["cpu_cores"] == os.cpu_count()
+
+
+PIDS_TREE = "/sys/fs/cgroup/pids"  # cgroup v1's
+needs_pids_tree = pytest.mark.skipif(not ROOT or not os.path.isdir(PIDS_TREE), reason="needs root and cgroup v1's pids")
+
+
+def launchers_of(server):
+    """The server's launcher, the process every init is forked from, as a set (empty while none runs)."""
+    return set(children_of(server.proc.pid)) & set(processes_with("launcher_main"))
+
+
+def job_groups(server):
+    """The names of a server's job cgroups still present (its ready inits' among them)."""
+    return {os.path.basename(path) for path in cgroups_of(server.proc.pid)} - {cgroup_name(server.proc.pid)}
+
+
+def assert_only_ready_inits_left(server, job_ids):
+    """Once the server has made its inits again, it holds a cgroup for each ready init and no other, and a log for
+    each of those and for each job that ran (`job_ids`) and no other: no failed Start left anything of its own."""
+    settled = lambda: inits_ready(server) and len(job_groups(server)) == READY_INITS
+    assert wait_until(settled), f"{sorted(job_groups(server))}: not the groups of {READY_INITS} ready inits"
+    assert set(os.listdir(os.path.join(server.data_dir, "jobs"))) == job_groups(server) | set(job_ids)
+
+
+@needs_pids_tree
+def test_a_start_whose_command_cannot_be_forked_is_refused_and_leaves_nothing_and_starts_recover(pki, tmp_path):
+    """The server's jobs at their process cap (pids.max of its jobworker-PID-NS group): inits are still made (a process
+    moved into a cgroup is not held to its cap), but none can fork its command. Each Start says so, and leaves no
+    job, init, group or log; once the cap is lifted, the next Start runs."""
+    server = Server(pki, str(tmp_path))
+    admin = server.client()
+    assert wait_until(lambda: inits_ready(server))
+    (base,) = [path for path in cgroups_of(server.proc.pid)
+               if path.startswith(PIDS_TREE + "/") and os.path.basename(path) == cgroup_name(server.proc.pid)]
+    cap = pathlib.Path(base, "pids.max")
+    cap.write_text("0")
+    try:
+        for _ in range(READY_INITS + 1):  # the inits made before the cap, and one made under it
+            refused = pytest.raises(grpc.RpcError, admin.stub.Start, pb.StartRequest(command=["true"]),
+                                    timeout=60).value
+            assert refused.code() == Code.RESOURCE_EXHAUSTED
+            assert refused.details() == f"cannot start 'true': {os.strerror(errno.EAGAIN)}"
+        assert admin.list() == []
+    finally:
+        cap.write_text("max")
+    ran = run_job(admin, ["echo", "recovered"])
+    assert ran.out == b"recovered\n" and ran.status.state == pb.EXITED and ran.status.exit_code == 0
+    assert_only_ready_inits_left(server, [ran.status.job_id])
+
+
+@needs_pids_tree
+def test_an_init_pool_that_cannot_make_inits_fails_starts_clearly_and_makes_them_again_once_it_can(pki, tmp_path):
+    """The launcher cannot fork (the test moves it into a pids cgroup at its cap). The inits made before still run
+    jobs; once they are used, a Start says why it has none, and the pool, which waits for the next Start rather than
+    trying again in a loop, makes inits again as soon as the cause is gone."""
+    server = Server(pki, str(tmp_path))
+    admin = server.client()
+    assert wait_until(lambda: inits_ready(server))  # none is being made
+    (launcher,) = launchers_of(server)
+    with open(f"/proc/{launcher}/cgroup") as f:
+        home = next(line.split(":", 2)[2] for line in f.read().splitlines() if line.split(":")[1] == "pids")
+    cap = pathlib.Path(PIDS_TREE, f"jobworker-test-{marker()}")
+    cap.mkdir()
+    try:
+        (cap / "cgroup.procs").write_text(str(launcher))
+        (cap / "pids.max").write_text("1")  # the launcher alone
+        ran = [run_job(admin, ["echo", f"job {i}"]) for i in range(READY_INITS)]
+        assert [(r.out, r.status.state, r.status.exit_code) for r in ran] == \
+            [(f"job {i}\n".encode(), pb.EXITED, 0) for i in range(READY_INITS)]
+        for _ in range(2):
+            refused = pytest.raises(grpc.RpcError, admin.stub.Start, pb.StartRequest(command=["true"]),
+                                    timeout=60).value
+            assert refused.code() == Code.RESOURCE_EXHAUSTED
+            assert refused.details() == f"cannot start the job's init: {os.strerror(errno.EAGAIN)}"
+        assert server.read_log().count("cannot prepare a job's init") <= READY_INITS + 2, \
+            "the pool tried again without a Start"
+        (cap / "pids.max").write_text("max")
+        recovered = run_job(admin, ["echo", "recovered"])
+        assert recovered.out == b"recovered\n" and recovered.status.exit_code == 0
+        assert_only_ready_inits_left(server, [r.status.job_id for r in ran + [recovered]])
+    finally:
+        with contextlib.suppress(OSError):
+            pathlib.Path(PIDS_TREE + home, "cgroup.procs").write_text(str(launcher))
+        cap.rmdir()
+
+
+def test_a_launcher_that_dies_is_started_again_and_every_start_still_runs(pki, tmp_path):
+    server = Server(pki, str(tmp_path))
+    admin = server.client()
+    assert wait_until(lambda: inits_ready(server))  # none is being made: no order dies with the launcher
+    (launcher,) = launchers_of(server)
+    pidfd = os.pidfd_open(launcher)
+    os.kill(launcher, signal.SIGKILL)
+    assert select.select([pidfd], [], [], 30)[0], "the launcher outlived a SIGKILL"
+    os.close(pidfd)
+    for i in range(READY_INITS + 2):  # the ready inits, which outlive their launcher, then inits of a new one
+        ran = run_job(admin, ["echo", f"job {i}"])
+        assert ran.out == f"job {i}\n".encode() and ran.status.state == pb.EXITED and ran.status.exit_code == 0
+    (restarted,) = launchers_of(server)
+    assert restarted != launcher
+
+
+@needs_root
+def test_a_start_whose_init_does_not_answer_fails_unavailable_and_its_init_and_group_go(pki, tmp_path):
+    """Every ready init stopped (SIGSTOP): a Start gives up after START_TIMEOUT with UNAVAILABLE, kills the init it
+    took and removes its group; the others, resumed, run jobs again."""
+    server = Server(pki, str(tmp_path))
+    admin = server.client()
+    assert wait_until(lambda: inits_ready(server))
+    (launcher,) = launchers_of(server)
+    inits = children_of(launcher)  # no job runs: every one is ready
+    assert len(inits) == READY_INITS and all(proc_status(pid)["Name"] == "jobworker-init" for pid in inits)
+    groups = {}
+    for pid in inits:
+        with open(f"/proc/{pid}/cgroup") as f:
+            groups[pid] = next(line.rsplit("/", 1)[1] for line in f.read().splitlines()
+                               if f"/{cgroup_name(server.proc.pid)}/" in line)
+    alive = lambda pid: os.path.exists(f"/proc/{pid}") and not proc_status(pid)["State"].startswith("Z")
+    for pid in inits:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        refused = pytest.raises(grpc.RpcError, admin.stub.Start, pb.StartRequest(command=["true"]), timeout=60).value
+        assert refused.code() == Code.UNAVAILABLE
+        assert f"did not answer within {jobworker.START_TIMEOUT:g} s" in refused.details()
+        (taken,) = [pid for pid in inits if not alive(pid)]
+        assert groups[taken] not in job_groups(server), "the group of the init that did not answer is still there"
+        assert admin.list() == []
+    finally:
+        for pid in inits:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert not [pid for pid in inits if pid != taken and proc_status(pid)["State"].startswith("T")], "still stopped"
+    ran = [run_job(admin, ["echo", f"job {i}"]) for i in range(READY_INITS)]
+    assert [(r.out, r.status.exit_code) for r in ran] == [(f"job {i}\n".encode(), 0) for i in range(READY_INITS)]
+    assert_only_ready_inits_left(server, [r.status.job_id for r in ran])
+
+
+def test_a_stop_after_the_command_has_exited_on_its_own_reports_exited_with_its_code(admin, gate):
+    """The command has exited (the test sees it go) before the Stop is sent, but the server may not have taken its end
+    in yet: the Stop finds the job EXITED, with the command's exit code."""
+    for _ in range(5):
+        job_id = admin.start(py(gate.hold() + "raise SystemExit(3)"))
+        wait_for_output(admin.stub, job_id, b"ready\n")
+        command = os.pidfd_open(admin.query(job_id).pid)  # while the gate holds it
+        gate.open()
+        assert select.select([command], [], [], 60)[0], "the command did not exit"
+        os.close(command)
+        status = admin.stop(job_id)
+        assert (status.state, status.exit_code, status.signal) == (pb.EXITED, 3, 0), status
+
+
+def test_a_stop_right_after_a_start_reports_either_the_commands_own_end_or_the_stop(admin):
+    """`true` may end before a Stop sent at once reaches it, or be ended by it; never both: a Stop that reports the job
+    STOPPED reports the signal that ended it, not an exit code of the command's own."""
+    for _ in range(20):
+        status = admin.stop(admin.start(["true"]))
+        if status.state == pb.EXITED:
+            assert (status.exit_code, status.signal) == (0, 0), status
+        else:
+            assert status.state == pb.STOPPED, status
+            assert not status.HasField("exit_code") and status.signal == signal.SIGTERM, \
+                f"STOPPED, yet the command exited on its own (exit code {status.exit_code})"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Isolation
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -1298,7 +1556,7 @@ def connections_to(server):
     return count
 
 
-# How many inits a server keeps ready for the next Starts (jobworker.Launcher.POOL until the rewrite lands).
+# How many inits a server keeps ready for the next Starts.
 READY_INITS = jobworker.InitPool.SIZE
 
 
