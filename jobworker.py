@@ -99,7 +99,7 @@ def parse_size(text):
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
-PR_SET_PDEATHSIG, PR_SET_NAME, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 15, 38, 36
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 4, 15, 38, 36
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -141,18 +141,16 @@ def receive(sock, max_fds=0):
     """The next message on a SOCK_SEQPACKET socket as (kind, fields, fds); (None, {}, []) at its end."""
     while True:
         try:
-            data, fds, _, _ = socket.recv_fds(sock, 65536, max_fds)
+            data, fds, flags, _ = socket.recv_fds(sock, 65536, max_fds, socket.MSG_CMSG_CLOEXEC)
             break
         except ConnectionResetError:  # the peer left messages of ours unread; its own are still queued
             continue
-    for fd in fds:
-        os.set_inheritable(fd, False)
-    if not data:
-        for fd in fds:
-            os.close(fd)
+    if not data and not fds:
         return None, {}, []
     try:
         fields = json.loads(data)
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or not isinstance(fields, dict):
+            raise ValueError("cut short, or not an object")
         return Message(fields.pop("kind")), fields, fds
     except (ValueError, KeyError) as e:
         for fd in fds:
@@ -249,7 +247,7 @@ def identify(pem):
     """Caller(identity, role) from a client certificate in PEM form: exactly one CN and exactly one role OU."""
     try:
         attributes = subject_attributes(memoryview(ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))))
-    except (ValueError, IndexError, UnicodeDecodeError) as e:
+    except (ValueError, IndexError) as e:
         raise Refused("UNAUTHENTICATED", f"unreadable client certificate: {e}") from None
     names = [value for oid, value in attributes if oid == OID_CN]
     units = [value for oid, value in attributes if oid == OID_OU]
@@ -513,7 +511,10 @@ class Audit:
             entry["error"] = error
         line = json.dumps(entry, sort_keys=True)
         with self._lock:
-            self._file.write(line + "\n")
+            try:
+                self._file.write(line + "\n")
+            except (OSError, ValueError) as e:  # a full disk, or closed at shutdown: the server's log still has it
+                logging.error("cannot write the audit log: %s", e)
         logging.info("audit %s", line)
 
     def close(self):
@@ -649,8 +650,8 @@ class JobManager:
                     undo.pop_all()
             except OSError as e:
                 raise Refused("UNAVAILABLE", f"cannot start the job: {e}") from None
-        with self._lock:
-            self._jobs[job.id] = job
+            with self._lock:
+                self._jobs[job.id] = job
         return job
 
     @contextlib.contextmanager
@@ -689,13 +690,15 @@ class JobManager:
         self._end(self.jobs(), SHUTDOWN_GRACE)
         self._pump.stop()
         self._teardown.shutdown(wait=True)
+        self.pool.launcher.close()  # last: it kills what a job without a PID namespace leaves when its init is killed
         if self.sandbox.cgroups:
             self.sandbox.cgroups.close()
 
     @staticmethod
     def _end(jobs, grace):
         """SIGTERM; SIGKILL after `grace` seconds (at once if 0); after KILL_GRACE more, SIGKILL to the init itself
-        (a job without a PID namespace can stop its init). Returns once every job has ended, or KILL_GRACE later."""
+        (a job without a PID namespace can stop its init). Returns once every job has ended, at most grace plus twice
+        KILL_GRACE later."""
         jobs = [job for job in jobs if not job.ended.is_set()]
         for job in jobs:
             job.stop_requested = True
@@ -1199,7 +1202,6 @@ class InitPool:
         for init in self._ready:
             init.discard()
         self._ready = []
-        self.launcher.close()
 
     def _fill(self):
         name_this_thread("init-pool")
@@ -1221,11 +1223,11 @@ class InitPool:
         ordered, ready, failure = [], [], None
         try:
             for _ in range(count):
+                ordered.append(InitHandle(self.sandbox, self.jobs_dir, self.launcher))
                 with self._changed:
-                    if self._closed:
-                        raise Refused("UNAVAILABLE", "the server is shutting down")
-                    ordered.append(InitHandle(self.sandbox, self.jobs_dir, self.launcher))
                     self._preparing.add(ordered[-1])
+                    if self._closed:
+                        ordered[-1].cut_short()
         except Exception as e:
             failure = e
         for init in ordered:
@@ -1261,7 +1263,8 @@ class Launcher:
         with theirs:
             self._process = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", self.BOOT, os.path.abspath(__file__), str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env={"LANG": "C.UTF-8"})  # none of our secrets
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env={"LANG": "C.UTF-8"},  # none of our secrets
+                start_new_session=True)  # a Ctrl-C or hang-up meant for the server must not reach the jobs
 
     def order(self, channel, namespaces, cgroup_procs):
         """Has the launcher fork an init that will talk to us on `channel`."""
@@ -1382,21 +1385,14 @@ class InitHandle:
                 self._tell(sig)
 
     def kill(self):
-        """SIGKILL to every process of the job: through the cgroup, and through the init."""
+        """SIGKILL to every process of the job, by its init (which then says how the command ended)."""
         with self._lock:
-            if self._released:
-                return
-            if self.group:
-                try:
-                    self.sandbox.cgroups.kill(self.group)
-                except OSError as e:
-                    logging.warning("cgroup kill of job %s: %s", self.id, e)
-            if not self._tell(signal.SIGKILL):
+            if not self._released and not self._tell(signal.SIGKILL):
                 self._kill_init()
 
     def kill_init(self):
-        """SIGKILL to the init itself, for one that does not carry out a kill. What the job still runs dies with the
-        init's PID namespace, or (without one) comes to the launcher, which kills it."""
+        """SIGKILL to the init itself and to the job's cgroup, for an init that does not carry out a kill. What the
+        job still runs dies with the init's PID namespace, or (without one) comes to the launcher, which kills it."""
         with self._lock:
             if not self._released:
                 self._kill_init()
@@ -1411,6 +1407,11 @@ class InitHandle:
     def _kill_init(self):
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        if self.group:
+            try:
+                self.sandbox.cgroups.kill(self.group)
+            except OSError as e:
+                logging.warning("cgroup kill of job %s: %s", self.id, e)
 
     def usage(self):
         if self._released or not self.group:
@@ -1431,7 +1432,7 @@ class InitHandle:
                 if said is None:
                     break
                 if said is Message.ENDED:
-                    report = fields
+                    report = _plausible(fields)
         except OSError:  # nothing more to read
             pass
         try:
@@ -1470,6 +1471,16 @@ class InitHandle:
         sandbox = self.sandbox
         return pb.Isolation(mode=sandbox.mode, cgroup=sandbox.cgroups.version if self.group else "",
                             namespaces=sandbox.namespaces, limits=pb.Limits(**self.applied), user=sandbox.user)
+
+
+def _plausible(report):
+    """An init's ENDED report, as far as it holds what a real one would (an init shares its user with the job)."""
+    exit_code, sig, stopped = report.get("exit_code"), report.get("signal"), report.get("stopped") is True
+    if type(exit_code) is int and 0 <= exit_code <= 255:
+        return {"exit_code": exit_code, "stopped": stopped}
+    if type(sig) is int and 0 < sig <= signal.SIGRTMAX:
+        return {"signal": sig, "stopped": stopped}
+    return {}
 
 
 def pid_of(pidfd):
@@ -1538,8 +1549,8 @@ def fork_init(order, channel, own_pid_namespace, launcher_fds):
     try:
         pid = os.fork()
     finally:
-        if new_pid_namespace and pid != 0:
-            libc("setns", own_pid_namespace, CLONE_NEWPID)  # later children are not in that namespace
+        if new_pid_namespace and pid != 0 and _libc.setns(own_pid_namespace, CLONE_NEWPID) != 0:
+            os._exit(1)  # later children would go into that namespace: the server starts another launcher
     if pid == 0:
         try:
             for fd in launcher_fds:
@@ -1610,20 +1621,22 @@ class Init:
             if job["uid"] != os.geteuid():
                 os.setresgid(job["gid"], job["gid"], job["gid"])  # for good: nothing of the job runs as root
                 os.setresuid(job["uid"], job["uid"], job["uid"])
+                libc("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)  # the job's user may not ptrace its init, whatever the host
         with self._stage("exec"):
             self._execute(job, stdout, stderr)
-        pidfd = os.pidfd_open(self.command_pid)
-        send(self.channel, Message.STARTED, [pidfd])
-        os.close(pidfd)
-        kind, _, _ = receive(self.channel)  # the command is not reaped before the server has read its pid
-        if kind is Message.NOTED:
-            fields = self._supervise()
-            # Stopped: a signal of the server's ended the command, or the command caught it and then exited. One that
-            # exits with a code without catching it exited by itself (the signal came as it was exiting).
-            stopped = self.signalled and ("signal" in fields or self.caught)
-            with contextlib.suppress(OSError):
+        try:
+            pidfd = os.pidfd_open(self.command_pid)
+            send(self.channel, Message.STARTED, [pidfd])
+            os.close(pidfd)
+            kind, _, _ = receive(self.channel)  # the command is not reaped before the server has read its pid
+            if kind is Message.NOTED:
+                fields = self._supervise()
+                # Stopped: a signal of the server's ended the command, or the command caught it and then exited. One
+                # that exits with a code without catching it exited by itself (the signal came as it was exiting).
+                stopped = self.signalled and ("signal" in fields or self.caught)
                 send(self.channel, Message.ENDED, stopped=stopped, **fields)
-        self._end_everything()
+        finally:  # whatever happened, nothing of the job outlives its init
+            self._end_everything()
         os._exit(0)
 
     @contextlib.contextmanager
@@ -1670,7 +1683,7 @@ class Init:
         or inheritable capability, no supplementary group, no setuid bit or file capability (no_new_privs), no OOM
         protection."""
         libc("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-        header = struct.pack("Ii", LINUX_CAPABILITY_VERSION_3, 0)
+        header = ctypes.create_string_buffer(struct.pack("Ii", LINUX_CAPABILITY_VERSION_3, 0), 8)
         sets = ctypes.create_string_buffer(24)  # (effective, permitted, inheritable) for capabilities 0-31, 32-63
         libc("capget", header, sets)
         sets[8:12] = sets[20:24] = bytes(4)
@@ -1759,15 +1772,15 @@ class Init:
 # ---------------------------------------------------------------------------------------------------------------------
 
 STDOUT, STDERR = 0, 1
-F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
+F_SETPIPE_SZ = 1031
 
 
 class OutputPump:
     """One thread that moves every job's output from its pipes into its log, and notices when each init has exited.
 
-    Level-triggered epoll and large splices: a quiet job costs nothing, and no job holds up another. Once a job's init
-    has exited, what is left in the job's pipes is taken in (no more: a process elsewhere may still hold them) and
-    the job is handed to `on_end`, which must not keep this thread.
+    Level-triggered epoll and large splices: a quiet job costs nothing, and a busy one is taken in a MiB at a time.
+    Once a job's init has exited, what is left in the job's pipes is taken in (no more: a process elsewhere may still
+    hold them) and the job is handed to `on_end`, which must not keep this thread.
     """
 
     SPLICE = 1 << 20  # bytes moved at most in one splice(), and the pipe size asked for
@@ -1810,17 +1823,23 @@ class OutputPump:
     def _run(self):
         name_this_thread("output-pump")
         while True:
+            ended = []  # pipes closed once the round is done: no number may be reused while events of it are pending
             for fd, _ in self._epoll.poll():
                 if fd == self._stop_r:
                     return
                 with self._lock:
                     job, source = self._watched.get(fd, (None, None))
-                if job is None:
-                    continue  # ended earlier in this round
-                if source is None:
-                    self._end(job)
-                elif not self._take(job, fd, source):
-                    self._close(job, fd)
+                try:
+                    if job is None:
+                        continue  # its job ended earlier in this round
+                    if source is None:
+                        ended += self._end(job)
+                    elif not self._take(job, fd, source):
+                        ended.append(self._unwatch(job, fd))
+                except Exception:  # a bug: logged, and the pump goes on for every other job
+                    logging.exception("output pump, job %s", job.id)
+            for fd in ended:
+                os.close(fd)
 
     def _take(self, job, fd, source):
         """Moves what waits in a pipe into the job's log; False once the pipe has ended, or the log cannot take it
@@ -1833,25 +1852,24 @@ class OutputPump:
             logging.error("job %s: cannot keep its output: %s", job.id, e)
             return False
 
-    def _close(self, job, fd):
+    def _unwatch(self, job, fd):
         with self._lock:
             self._epoll.unregister(fd)
             del self._watched[fd]
-            del self._open[job][fd]
-        os.close(fd)
+            self._open.get(job, {}).pop(fd, None)
+        return fd
 
     def _end(self, job):
-        """The job's init has exited: takes in what is left in its pipes, and hands the job on."""
-        with self._lock:
-            self._epoll.unregister(job.init.pidfd)
-            del self._watched[job.init.pidfd]
-        for fd, source in list(self._open[job].items()):
+        """The job's init has exited: takes in what is left in its pipes, and hands the job on; returns its pipes."""
+        self._unwatch(job, job.init.pidfd)
+        pipes = self._open.pop(job)
+        for fd, source in pipes.items():
             for _ in range(4):  # a pipe holds at most one splice, unless a writer elsewhere still fills it
                 if not self._take(job, fd, source):
                     break
-            self._close(job, fd)
-        del self._open[job]
+            self._unwatch(job, fd)
         self._on_end(job)
+        return list(pipes)
 
 
 def _enlarge_pipe(fd, size):
