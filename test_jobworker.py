@@ -2145,9 +2145,10 @@ def test_reliability_a_server_with_bad_configuration_exits_at_once_with_a_clear_
         for capability in (1, 2):
             libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP
 
-    def serve(what, *, data=None, addr="127.0.0.1:0", capabilities=True, names=(), **paths):
+    def serve(what, *, data=None, addr="127.0.0.1:0", capabilities=True, names=(), flags=(), **paths):
         """Starts a server that must refuse to; returns a problem with it, or None."""
-        argv = [sys.executable, JOBWORKER, "serve", "--addr", addr, "--data-dir", str(data or tmp_path / "data")]
+        argv = [sys.executable, JOBWORKER, "serve", "--addr", addr, "--data-dir", str(data or tmp_path / "data"),
+                *flags]
         for name, path in dict(good, **paths).items():
             argv += [f"--{name}", str(path)]
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -2191,6 +2192,8 @@ def test_reliability_a_server_with_bad_configuration_exits_at_once_with_a_clear_
             serve("data directory on a read-only file system", data="/sys/kernel/jobworker"),
             serve("port out of range", addr="127.0.0.1:99999"),
             serve("port in use", addr=f"127.0.0.1:{taken.getsockname()[1]}"),
+            serve("a default above the maximum", flags=("--default", "pids=500", "--max", "pids=100"), names=["pids"]),
+            serve("a default memory below 4 MiB", flags=("--default", "memory=1M"), names=["memory_bytes"]),
         ]
     problems = [p for p in problems if p]
     assert not problems, "\n".join(problems)
