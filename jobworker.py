@@ -209,6 +209,7 @@ POLICY = {
     "Query": {"admin": Scope.EVERY, "user": Scope.OWN, "observer": Scope.EVERY},
     "Stream": {"admin": Scope.EVERY, "user": Scope.OWN, "observer": Scope.EVERY},
     "List": {"admin": Scope.EVERY, "user": Scope.OWN, "observer": Scope.EVERY},
+    "Wait": {"admin": Scope.EVERY, "user": Scope.OWN, "observer": Scope.EVERY},
 }
 AUDITED = {"Start", "Stop"}
 OID_CN, OID_OU = "2.5.4.3", "2.5.4.11"
@@ -393,8 +394,8 @@ def _read_bytes(path):
 class Server:
     """The gRPC server, its thread pool, and the JobManager behind it."""
 
-    WORKERS = 1024  # calls in flight at once; a stream holds its thread for as long as it lasts
-    RESERVED = 64   # threads streams may not take, for the other calls
+    WORKERS = 1024  # calls in flight at once; a stream or a wait holds its thread for as long as it lasts
+    RESERVED = 64   # threads streams and waits may not take, for the other calls
 
     def __init__(self, addr, cert, key, ca, data_dir, sandbox, policy):
         self.manager = JobManager(data_dir, sandbox, policy)
@@ -405,10 +406,10 @@ class Server:
                    # (and the thread) it held is released.
                    ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000),
                    ("grpc.keepalive_permit_without_calls", 1)]
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(self.WORKERS, initializer=name_this_thread, initargs=("rpc",)),
-                                 options=options, maximum_concurrent_rpcs=self.WORKERS)
-        streams = self.WORKERS - self.RESERVED
-        servicer = Servicer(self.manager, StreamSlots(streams, streams // 2))
+        pool = futures.ThreadPoolExecutor(self.WORKERS, initializer=name_this_thread, initargs=("rpc",))
+        self._grpc = grpc.server(pool, options=options, maximum_concurrent_rpcs=self.WORKERS)
+        long_calls = self.WORKERS - self.RESERVED
+        servicer = Servicer(self.manager, LongCallSlots(long_calls, long_calls // 2))
         self._grpc.add_generic_rpc_handlers((Guard(servicer, self.audit).handler(),))
         try:
             self.port = self._grpc.add_secure_port(addr, server_credentials(cert, key, ca))
@@ -507,6 +508,8 @@ class Audit:
                  "result": result, "job_id": job_id or getattr(request, "job_id", None) or None}
         if method == "Start" and not isinstance(request, Malformed):
             entry["command"] = list(request.command)[:64]
+            entry["env"] = sorted(request.env)[:64]  # the names only: values may be secrets
+            entry["working_directory"] = request.working_directory
         if method == "Stop" and not isinstance(request, Malformed):
             entry["force"] = request.force
         if error:
@@ -520,8 +523,9 @@ class Audit:
         self._file.close()
 
 
-class StreamSlots:
-    """A cap on streams in flight, in all and per caller, so that streams cannot take the threads other calls need."""
+class LongCallSlots:
+    """A cap on the calls that may last as long as a job (Stream, Wait), in all and per caller, so that they cannot take
+    the threads other calls need."""
 
     def __init__(self, total, per_caller):
         self.total, self.per_caller = total, per_caller
@@ -531,7 +535,7 @@ class StreamSlots:
     def take(self, identity):
         with self._lock:
             if sum(self._open.values()) >= self.total or self._open.get(identity, 0) >= self.per_caller:
-                raise Refused("RESOURCE_EXHAUSTED", "too many streams open; close some and try again")
+                raise Refused("RESOURCE_EXHAUSTED", "too many streams and waits open; close some and try again")
             self._open[identity] = self._open.get(identity, 0) + 1
 
     def give_back(self, identity):
@@ -548,15 +552,16 @@ class StreamSlots:
 class Servicer:
     """The JobWorker RPCs."""
 
-    def __init__(self, manager, stream_slots):
+    def __init__(self, manager, long_calls):
         self.manager = manager
-        self.stream_slots = stream_slots
+        self.long_calls = long_calls
 
     def Start(self, request, context, caller):
         limits = {name: getattr(request.limits, name) for name in LIMITS}
         # The pool makes the next init once this answer has gone, so the two do not compete for the CPU.
         context.add_callback(self.manager.pool.refill)
-        job = self.manager.start(caller.identity, list(request.command), limits)
+        job = self.manager.start(caller.identity, list(request.command), limits, dict(request.env),
+                                 request.working_directory or "/")
         return pb.StartResponse(job_id=job.id, status=job.status())
 
     def Stop(self, request, context, caller):
@@ -577,15 +582,30 @@ class Servicer:
         job = self._visible(request.job_id, caller)
         if job.outcome and request.offset > job.log.size:  # a running job may still get there
             raise Refused("OUT_OF_RANGE", f"offset {request.offset} is past the {job.log.size} bytes of output")
-        self.stream_slots.take(caller.identity)
+        self.long_calls.take(caller.identity)
         reader = LogReader(job.log, request.offset)
 
         def ended():  # however the call ends; a client that has gone away wakes its reader, which ends
             reader.cancel()
-            self.stream_slots.give_back(caller.identity)
+            self.long_calls.give_back(caller.identity)
         if not context.add_callback(ended):
             ended()
         return self._stream(job, reader)
+
+    def Wait(self, request, context, caller):
+        job = self._visible(request.job_id, caller)
+        if job.ended.is_set():
+            return job.status()
+        self.long_calls.take(caller.identity)
+        try:
+            # Woken by the job's end, or by the call's (the client cancelled, its deadline passed, it went away), when
+            # what is returned goes nowhere.
+            woken = threading.Event()
+            if context.add_callback(woken.set):
+                job.wait(woken)
+        finally:
+            self.long_calls.give_back(caller.identity)
+        return job.status()
 
     @staticmethod
     def _stream(job, reader):
@@ -630,21 +650,26 @@ class JobManager:
         self._starting = 0
         self._closed = False
 
-    def start(self, owner, command, limits):
+    def start(self, owner, command, limits, env, working_directory):
+        """Starts a job: `env` holds the client's variables, on top of the base environment."""
         if not command or not command[0]:
             raise Refused("INVALID_ARGUMENT", "the command is empty")
         if any("\0" in arg for arg in command):
             raise Refused("INVALID_ARGUMENT", "the command contains a NUL byte, which no argument can hold")
+        check_variables(env)
+        if not working_directory.startswith("/") or "\0" in working_directory:
+            raise Refused("INVALID_ARGUMENT", f"the working directory must be an absolute path, not "
+                                              f"{working_directory[:256]!r}")
         limits = self.policy.resolve(limits)
         with self._under_way():
             init = self.pool.take()
             try:
                 with contextlib.ExitStack() as undo:  # everything a failed Start must release, in reverse order
                     undo.callback(init.discard)
-                    out_r, err_r = init.start(command, limits)
+                    out_r, err_r = init.start(command, limits, {**self.sandbox.environment, **env}, working_directory)
                     undo.callback(os.close, out_r)
                     undo.callback(os.close, err_r)
-                    job = Job(init, owner, command)
+                    job = Job(init, owner, command, env, working_directory)
                     self._pump.watch(job, out_r, err_r)
                     undo.pop_all()
             except OSError as e:
@@ -712,6 +737,23 @@ class JobManager:
                     logging.error("job %s has not ended, although its init was killed", job.id)
 
 
+MAX_VARIABLES_BYTES = 64 * 1024  # the client's variables, as KEY=VALUE\0; the kernel takes 128 KiB in one string
+
+
+def check_variables(env):
+    """Refuses (INVALID_ARGUMENT) variables no environment can hold, and more than MAX_VARIABLES_BYTES of them."""
+    size = 0
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key:
+            raise Refused("INVALID_ARGUMENT", f"not a variable name: {key[:64]!r} (it is empty, or holds '=' or NUL)")
+        if "\0" in value:
+            raise Refused("INVALID_ARGUMENT", f"the value of {key[:64]} holds a NUL byte, which no variable can hold")
+        size += len(key.encode()) + len(value.encode()) + 2
+    if size > MAX_VARIABLES_BYTES:
+        raise Refused("INVALID_ARGUMENT", f"the variables take {size} bytes as KEY=VALUE, more than the "
+                                          f"{MAX_VARIABLES_BYTES} a job may be given")
+
+
 class Outcome:
     """How a job ended: its state, the command's exit code or the signal that ended it, and what it used."""
 
@@ -723,13 +765,15 @@ class Outcome:
 class Job:
     """One command run for a client: who owns it, its init, its output, and how it ended."""
 
-    def __init__(self, init, owner, command):
+    def __init__(self, init, owner, command, env, working_directory):
         self.id, self.log, self.init = init.id, init.log, init
-        self.owner, self.command = owner, list(command)
+        self.owner, self.command, self.env, self.working_directory = owner, list(command), env, working_directory
         self.started_at = time.time()
         self.outcome = None  # set once, when the job has ended, and never changed
         self.stop_requested = False
         self.ended = threading.Event()
+        self._waiters = set()  # the Events of Wait calls, set when the job ends
+        self._waiters_lock = threading.Lock()
 
     def end(self):
         """Called once the init has exited and the job's output is in its log: records how the job ended."""
@@ -750,14 +794,30 @@ class Job:
             state = "EXITED"
         self.outcome = Outcome(state, exit_code, sig, usage)
         self.log.close()  # after the outcome is set, so that a stream's last message carries it
-        self.ended.set()
+        with self._waiters_lock:
+            self.ended.set()
+            for woken in self._waiters:
+                woken.set()
+
+    def wait(self, woken):
+        """Returns once the job has ended, or `woken` (a threading.Event) has been set by someone else."""
+        with self._waiters_lock:
+            if self.ended.is_set():
+                return
+            self._waiters.add(woken)
+        try:
+            woken.wait()
+        finally:
+            with self._waiters_lock:
+                self._waiters.discard(woken)
 
     def status(self):
         outcome = self.outcome
         usage = outcome.usage if outcome else self.init.usage()
         status = pb.JobStatus(job_id=self.id, owner=self.owner, command=self.command, pid=self.init.command_pid,
                               state=pb.JobState.Value(outcome.state if outcome else "RUNNING"),
-                              output_bytes=self.log.size, usage=pb.Usage(**usage), isolation=self.init.isolation())
+                              output_bytes=self.log.size, usage=pb.Usage(**usage), isolation=self.init.isolation(),
+                              env=self.env, working_directory=self.working_directory)
         status.started_at.FromNanoseconds(int(self.started_at * 1e9))
         if outcome:
             status.ended_at.FromNanoseconds(int(outcome.ended_at * 1e9))
@@ -1313,11 +1373,12 @@ class InitHandle:
         ready.register(self.channel, select.POLLIN)
         return bool(ready.poll(0))
 
-    def start(self, command, limits):
+    def start(self, command, limits, environment, working_directory):
         """Gives the init its job, and returns once the command runs: the read ends of its stdout and stderr."""
         sandbox = self.sandbox
         self.applied = sandbox.cgroups.apply(self.group, limits) if self.group else {}
-        job = {"command": command, "env": sandbox.environment, "cwd": "/", "uid": sandbox.uid, "gid": sandbox.gid}
+        job = {"command": command, "env": environment, "cwd": working_directory, "uid": sandbox.uid,
+               "gid": sandbox.gid}
         readers, theirs = [], []  # the init gets its own copies of theirs
         try:
             for _ in range(2):
@@ -1328,7 +1389,7 @@ class InitHandle:
             _write_all(theirs[-1], json.dumps(job).encode())
             self.channel.settimeout(START_TIMEOUT)
             send(self.channel, Message.JOB, theirs)
-            _, (pidfd,) = self._expect(Message.STARTED, command, fds=1)
+            _, (pidfd,) = self._expect(Message.STARTED, job, fds=1)
             try:
                 self.command_pid = pid_of(pidfd)  # as this server's PID namespace numbers it
             finally:
@@ -1343,9 +1404,9 @@ class InitHandle:
             for fd in theirs:
                 os.close(fd)
 
-    def _expect(self, kind, command=None, fds=0):
+    def _expect(self, kind, job=None, fds=0):
         """The init's next message, which must be `kind` with `fds` descriptors: (fields, fds). Anything else is a
-        failure, after which the init exits."""
+        failure, after which the init exits; a failure of the `job` it was given says what in it was wrong."""
         try:
             said, fields, received = receive(self.channel, fds)
         except TimeoutError:
@@ -1361,10 +1422,13 @@ class InitHandle:
             raise Refused("INTERNAL", "the job's init went away before it said why" if said is None
                           else f"the job's init said {said.value} out of turn")
         code, stage = fields.get("errno"), fields.get("stage")
+        if stage == "workdir":
+            raise Refused("INVALID_ARGUMENT", f"cannot enter the working directory {job['cwd'][:256]!r}: "
+                                              f"{os.strerror(code)}")
         if stage == "exec" and code in (errno.EAGAIN, errno.ENOMEM):
-            raise Refused("RESOURCE_EXHAUSTED", f"cannot start {command[0]!r}: {os.strerror(code)}")
+            raise Refused("RESOURCE_EXHAUSTED", f"cannot start {job['command'][0]!r}: {os.strerror(code)}")
         if stage == "exec":
-            raise Refused("INVALID_ARGUMENT", f"cannot execute {command[0]!r}: {os.strerror(code)}")
+            raise Refused("INVALID_ARGUMENT", f"cannot execute {job['command'][0]!r}: {os.strerror(code)}")
         raise Refused("INTERNAL", f"cannot set up the job ({stage}): {fields.get('message')}")
 
     def signal(self, sig):
@@ -1563,10 +1627,11 @@ class Init:
 
     Made ahead of its job, it joins the job's cgroup, enters the job's mount and network namespaces, mounts the job's
     own /proc, brings loopback up, gives up what of the server's privilege a job could inherit, and says it is ready.
-    Given a job, it becomes the job's user for good and starts the command. Then it does what the kernel expects of
-    an init and what the server needs of a job: it reaps every zombie and passes the server's signals on to every
-    process of the job. Once the command exits it reports how, ends whatever the command left running, and exits; if
-    the server goes away (its end of the channel closes), it ends the job first. One init runs one job.
+    Given a job, it becomes the job's user for good, enters the job's working directory and starts the command. Then
+    it does what the kernel expects of an init and what the server needs of a job: it reaps every zombie and passes
+    the server's signals on to every process of the job. Once the command exits it reports how, ends whatever the
+    command left running, and exits; if the server goes away (its end of the channel closes), it ends the job first.
+    One init runs one job.
     """
 
     FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -1602,6 +1667,8 @@ class Init:
             if job["uid"] != os.geteuid():
                 os.setresgid(job["gid"], job["gid"], job["gid"])  # for good: nothing of the job runs as root
                 os.setresuid(job["uid"], job["uid"], job["uid"])
+        with self._stage("workdir"):
+            os.chdir(job["cwd"])  # as the job's user, in the job's mount namespace: where the job can go
         with self._stage("exec"):
             self._execute(job, stdout, stderr)
         pidfd = os.pidfd_open(self.command_pid)
@@ -1671,8 +1738,7 @@ class Init:
             _write("/proc/self/oom_score_adj", "0")
 
     def _execute(self, job, stdout, stderr):
-        os.chdir(job["cwd"])
-        os.environ["PATH"] = job["env"]["PATH"]  # where posix_spawnp looks for the command
+        os.environ["PATH"] = job["env"]["PATH"]  # where posix_spawnp looks for the command: the client's PATH, if set
         try:  # posix_spawn: a vfork and an exec, in C, which need not copy this process's memory
             self.command_pid = os.posix_spawnp(
                 job["command"][0], job["command"], job["env"], setsid=True, setsigmask=(),
@@ -2010,8 +2076,10 @@ class Client:
     def close(self):
         self.channel.close()
 
-    def start(self, command, **limits):
-        return self.stub.Start(pb.StartRequest(command=command, limits=pb.Limits(**limits))).job_id
+    def start(self, command, env=None, working_directory="", **limits):
+        request = pb.StartRequest(command=command, limits=pb.Limits(**limits), env=env or {},
+                                  working_directory=working_directory)
+        return self.stub.Start(request).job_id
 
     def stop(self, job_id, force=False, timeout=None):
         request = pb.StopRequest(job_id=job_id, force=force)
@@ -2025,6 +2093,15 @@ class Client:
     def list(self):
         return list(self.stub.List(pb.ListRequest()).jobs)
 
+    def wait(self, job_id, retries=8):
+        """The job's final status, once it has ended; reconnects with backoff and waits again if the connection drops."""
+        failures = 0
+        while True:
+            try:
+                return self.stub.Wait(pb.WaitRequest(job_id=job_id))
+            except grpc.RpcError as e:
+                failures = _back_off(e, failures, retries)
+
     def stream(self, job_id, offset=0, retries=8):
         """Yields StreamResponses from `offset`; reconnects with backoff and resumes after the last byte received."""
         failures = 0
@@ -2036,10 +2113,17 @@ class Client:
                     yield message
                 return
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or failures >= retries:
-                    raise
-                failures += 1
-                time.sleep(min(0.1 * 2 ** failures, 5.0))  # backoff before reconnecting
+                failures = _back_off(e, failures, retries)
+
+
+def _back_off(error, failures, retries):
+    """Raises `error` unless the server was unavailable and fewer than `retries` tries in a row have failed; else waits
+    before the next try, longer after each failure, and returns how many have failed."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE or failures >= retries:
+        raise error
+    failures += 1
+    time.sleep(min(0.1 * 2 ** failures, 5.0))
+    return failures
 
 
 def exit_status(status):

@@ -475,6 +475,15 @@ def gate():
     gate.close()
 
 
+@pytest.fixture
+def job_directory():
+    """A directory every job may enter (a test's tmp_path is under a directory only root may enter)."""
+    directory = tempfile.mkdtemp(prefix="jobworker-directory-")
+    os.chmod(directory, 0o755)
+    yield directory
+    shutil.rmtree(directory)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The API and its stubs
 # ---------------------------------------------------------------------------------------------------------------------
@@ -565,6 +574,85 @@ def test_job_environment_is_clean_and_stdin_empty(admin):
     assert "JOBWORKER_SECRET" not in env, "the server's environment leaked into the job"
     assert env["PATH"] and env["LANG"] and "HOME" in env
     assert ran.out.endswith(b"end\n") and ran.status.exit_code == 0
+
+
+JOB_SEES = py("import json, os\nprint(json.dumps({'cwd': os.getcwd(), 'env': dict(os.environ)}))")  # as JSON
+
+
+def test_a_job_gets_the_variables_and_working_directory_it_is_given(server, admin, job_directory):
+    secret = f"secret-{marker()}"
+    env = {"GREETING": "hello world", "EMPTY": "", "ODD": "Zoë 😀\nb=c", "HOME": "/nowhere", "TOKEN": secret}
+    size = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items())
+    env["BIG"] = "x" * (jobworker.MAX_VARIABLES_BYTES - size - len("BIG=\0"))  # with the others: all it may take
+    job_id = admin.start(JOB_SEES, env=env, working_directory=job_directory)
+    ran = read_stream(admin.stub, job_id)
+    seen = json.loads(ran.out)
+    assert seen["cwd"] == job_directory
+    base = {"PATH": jobworker.JOB_PATH, "USER": "nobody" if ROOT else pwd.getpwuid(os.geteuid()).pw_name,
+            "SHELL": "/bin/sh", "LANG": "C.UTF-8"}
+    assert seen["env"] == {**seen["env"], **base, **env}, "a variable given, or of the base, is missing or different"
+    assert "JOBWORKER_SECRET" not in seen["env"]
+    assert dict(ran.status.env) == env and ran.status.working_directory == job_directory
+    plain = run_job(admin, JOB_SEES)
+    assert json.loads(plain.out)["cwd"] == "/" and plain.status.working_directory == "/" and not plain.status.env
+    with open(os.path.join(server.data_dir, "audit.log")) as f:
+        audit = f.read()
+    entry = next(e for e in map(json.loads, audit.splitlines()) if e["action"] == "start" and e["job_id"] == job_id)
+    assert entry["env"] == sorted(env) and entry["working_directory"] == job_directory
+    assert secret not in audit and secret not in server.read_log(), "a variable's value reached the audit"
+
+
+def test_a_path_of_the_clients_is_where_the_command_is_looked_for(admin, job_directory):
+    program = os.path.join(job_directory, "only-here")
+    with open(program, "w") as f:
+        f.write('#!/bin/sh\necho "found, with PATH=$PATH"\n')
+    os.chmod(program, 0o755)
+    assert status_of(lambda: admin.start(["only-here"])).code == Code.INVALID_ARGUMENT
+    ran = run_job(admin, ["only-here"], env={"PATH": job_directory})
+    assert ran.out == f"found, with PATH={job_directory}\n".encode() and ran.status.exit_code == 0
+
+
+def test_variables_and_working_directories_a_job_cannot_have_are_refused_naming_them(admin, job_directory):
+    closed, a_file = os.path.join(job_directory, "closed"), os.path.join(job_directory, "a-file")
+    os.mkdir(closed, 0)  # the job's user cannot enter it (nobody, or a server's own user without root's rights)
+    open(a_file, "w").close()
+    over = jobworker.MAX_VARIABLES_BYTES
+    variables = {  # the variables -> what the refusal must name
+        "empty name": ({"": "x"}, "''"), "a name with =": ({"A=B": "x"}, "'A=B'"),
+        "a name with NUL": ({"A\0B": "x"}, "'A\\x00B'"), "a value with NUL": ({"NUL": "a\0b"}, "NUL"),
+        "one too large": ({"BIG": "x" * over}, str(over)),
+        "too many": ({f"V{i}": "x" * 100 for i in range(over // 100)}, str(over)),
+    }
+    directories = {  # the working directory -> what the refusal must say
+        "relative": ("tmp", "absolute"), "dot": ("./", "absolute"), "NUL": ("/tmp\0x", "absolute"),
+        "missing": ("/no/such/directory", "No such file"), "a file": (a_file, "Not a directory"),
+        "closed to the job's user": (closed, "Permission denied"),
+    }
+    before = len(admin.list())
+    cases = [(name, lambda e=env: admin.start(["true"], env=e), named) for name, (env, named) in variables.items()]
+    cases += [(name, lambda d=path: admin.start(["true"], working_directory=d), [path[:4], said])
+              for name, (path, said) in directories.items()]
+    for name, start, named in cases:
+        with pytest.raises(grpc.RpcError) as caught:
+            start()
+        assert caught.value.code() == Code.INVALID_ARGUMENT, name
+        for expected in [named] if isinstance(named, str) else named:
+            assert expected in caught.value.details(), (name, caught.value.details())
+    assert len(admin.list()) == before, "a refused Start left a job"
+
+
+def test_wait_returns_the_final_status_once_the_job_has_ended(admin, gate):
+    job_id = admin.start(py(gate.hold() + "raise SystemExit(6)"))
+    wait_for_output(admin.stub, job_id, b"ready\n")
+    waiting = admin.stub.Wait.future(pb.WaitRequest(job_id=job_id), timeout=120)
+    # While the job runs, a Wait does not return: its deadline passes (and the first Wait has reached the server).
+    assert status_of(lambda: admin.stub.Wait(pb.WaitRequest(job_id=job_id), timeout=1)).code == Code.DEADLINE_EXCEEDED
+    assert not waiting.done()
+    gate.open()
+    ended = waiting.result()
+    assert ended.state == pb.EXITED and ended.exit_code == 6 and ended.job_id == job_id
+    assert ended == admin.query(job_id) == admin.wait(job_id), "an ended job's Wait returns its final status at once"
+    assert status_of(lambda: admin.wait(str(uuid.uuid4()))).code == Code.NOT_FOUND
 
 
 def test_concurrent_streamers_of_a_live_job_get_identical_complete_output(admin, gate):
@@ -676,8 +764,9 @@ def test_audit_log_records_every_start_and_stop(server, admin):
 def test_role_matrix(server):
     clients = {role: server.client(role) for role in ("admin", "user", "user2", "observer")}
     DENIED, HIDDEN = Code.PERMISSION_DENIED, Code.NOT_FOUND
-    everything, nothing = {"Query": OK, "Stream": OK, "Stop": OK}, {"Query": HIDDEN, "Stream": HIDDEN, "Stop": HIDDEN}
-    watch_only = {"Query": OK, "Stream": OK, "Stop": DENIED}
+    everything = {"Query": OK, "Stream": OK, "Stop": OK, "Wait": OK}
+    nothing = dict.fromkeys(everything, HIDDEN)
+    watch_only = {"Query": OK, "Stream": OK, "Stop": DENIED, "Wait": OK}
     expected = {  # (caller, owner of the job) -> outcome of each call on that job
         ("admin", "admin"): everything, ("admin", "user"): everything,
         ("user", "user"): everything, ("user", "admin"): nothing, ("user2", "user"): nothing,
@@ -686,9 +775,11 @@ def test_role_matrix(server):
     for (caller, owner), outcomes in expected.items():
         for method, outcome in outcomes.items():
             job_id = clients[owner].start(["sh", "-c", "echo hi; sleep 600"])  # a fresh job: a Stop ends it
+            if method == "Wait":
+                clients["admin"].stop(job_id, force=True)  # so that a Wait returns at once
             client = clients[caller]
             call = {"Query": lambda: client.query(job_id), "Stream": lambda: next(iter(client.stream(job_id))),
-                    "Stop": lambda: client.stop(job_id, force=True)}[method]
+                    "Stop": lambda: client.stop(job_id, force=True), "Wait": lambda: client.wait(job_id)}[method]
             assert status_of(call).code == outcome, (caller, owner, method)
             clients["admin"].stop(job_id, force=True)
     assert status_of(lambda: clients["admin"].start(["true"])).code == OK
@@ -1567,6 +1658,25 @@ def vanish_at_the_transport(server, how, context):
         sock.close()
 
 
+def open_every_stream_slot(server, job_id):
+    """Opens streams of `job_id` (which must have output) until the server refuses one: the caller has every stream
+    it may have; closes them and returns how many were open."""
+    channel, stub = open_channel(server)
+    calls = []
+    try:
+        while len(calls) < RPC_POOL:
+            calls.append(stub.Stream(pb.StreamRequest(job_id=job_id), timeout=120))
+            code = status_of(lambda: next(calls[-1])).code
+            if code != OK:
+                assert code == Code.RESOURCE_EXHAUSTED, code
+                return len(calls) - 1
+        raise AssertionError(f"{len(calls)} streams of one caller, and the server took them all")
+    finally:
+        for call in calls:
+            call.cancel()
+        channel.close()
+
+
 def test_reliability_hundreds_of_vanishing_clients_leave_nothing_behind(pki, tmp_path, gate, reliability_figures):
     server, idle = idle_server(pki, str(tmp_path))
     pid, context = server.proc.pid, tls_context(pki)
@@ -1577,24 +1687,7 @@ def test_reliability_hundreds_of_vanishing_clients_leave_nothing_behind(pki, tmp
     wait_for_output(admin, job_id, b"x", offset=99999)
     assert wait_until(lambda: inits_ready(server, running=1)), "the server did not make its inits again"
     base = figures_of(pid)  # idle, with the job and the admin's connection open
-
-    def fill_every_stream_slot():
-        """Opens streams until the server refuses one (the caller has every stream it may have), closes them;
-        returns how many were open."""
-        channel, stub = open_channel(server)
-        calls = []
-        try:
-            while len(calls) < RPC_POOL:
-                calls.append(stub.Stream(pb.StreamRequest(job_id=job_id), timeout=120))
-                code = status_of(lambda: next(calls[-1])).code
-                if code != OK:
-                    assert code == Code.RESOURCE_EXHAUSTED, code
-                    return len(calls) - 1
-            raise AssertionError(f"{len(calls)} streams of one caller, and the server took them all")
-        finally:
-            for call in calls:
-                call.cancel()
-            channel.close()
+    fill_every_stream_slot = functools.partial(open_every_stream_slot, server, job_id)
 
     with PeakWatch(pid) as watch:
         slots = fill_every_stream_slot()
@@ -1668,6 +1761,42 @@ def test_reliability_hundreds_of_vanishing_clients_leave_nothing_behind(pki, tmp
     assert_settled("vanishing clients", idle, after, watch.peak, BURST_MEMORY_SLACK)
     assert not job_groups_left(pid, [job_id, *stubborn])
     assert "Traceback" not in server.read_log()
+
+
+def test_reliability_waits_hold_a_slot_each_and_give_it_back_however_their_client_ends_them(pki, tmp_path, gate):
+    """A Wait holds a thread for as long as its job runs: it takes one of its caller's slots, as a stream does, so that
+    Waits cannot take the threads other calls need; and it gives it back when its deadline passes, its client cancels
+    it, closes its channel or goes away."""
+    server = Server(pki, str(tmp_path))
+    admin_channel, admin = open_channel(server)
+    job_id = admin.Start(pb.StartRequest(command=py(gate.hold())), timeout=60).job_id
+    wait_for_output(admin, job_id, b"ready\n")
+    request, slots, extra = pb.WaitRequest(job_id=job_id), open_every_stream_slot(server, job_id), 8
+    assert slots == (jobworker.Server.WORKERS - jobworker.Server.RESERVED) // 2
+    late = [admin.Wait.future(request, timeout=2) for _ in range(extra)]
+    assert {status_of(wait.result).code for wait in late} == {Code.DEADLINE_EXCEEDED}
+    proxy = CuttableProxy(server.addr)
+    ends = {"cancel": open_channel(server), "close": open_channel(server), "cut": open_channel(server, addr=proxy.addr)}
+    waits = [(end, ends[end][1].Wait.future(request, timeout=300)) for end in list(ends) * ((slots + extra) // 3)]
+    refusals = len(waits) - slots  # every slot is free: those whose deadline passed gave theirs back
+    assert wait_until(lambda: sum(wait.done() for _, wait in waits) >= refusals), "the server took every Wait"
+    refused = [wait for _, wait in waits if wait.done()]
+    assert len(refused) == refusals and {status_of(wait.result).code for wait in refused} == {Code.RESOURCE_EXHAUSTED}
+    for end, wait in waits:
+        if end == "cancel":
+            wait.cancel()
+    ends["close"][0].close()
+    proxy.cut()  # as if the client's machine went away
+    for end, wait in waits:
+        assert wait.cancelled() if end == "cancel" else status_of(wait.result).code != OK, end  # the job still runs
+    for channel, _ in ends.values():
+        channel.close()
+    proxy.close()
+    assert wait_until(lambda: connections_to(server) == 1), "the server kept a closed connection"
+    assert wait_until(lambda: open_every_stream_slot(server, job_id) == slots), "a Wait kept its slot"
+    gate.open()
+    assert admin.Wait(request, timeout=60).exit_code == 0
+    admin_channel.close()
 
 
 # -- faults in jobs ----------------------------------------------------------------------------------------------------
@@ -1847,6 +1976,7 @@ def test_reliability_server_signal_with_jobs_running_and_streams_open_exits_clea
     readers = Concurrently([functools.partial(read, *stream) for stream in streams], (attached,))
     readers.meet(attached)  # every stream has had its first message
     stopping = stub.Stop.future(pb.StopRequest(job_id=ids["stubborn"], timeout_seconds=600), timeout=120)
+    waiting = stub.Wait.future(pb.WaitRequest(job_id=ids["held"]), timeout=120)
     started = children_of(pid)  # the launcher and the inits it made
     assert started
     server.proc.send_signal(sig)
@@ -1858,6 +1988,9 @@ def test_reliability_server_signal_with_jobs_running_and_streams_open_exits_clea
     log = server.read_log()
     assert f"{signal.Signals(sig).name}: stopping every job" in log and "Traceback" not in log, log[-2000:]
     assert status_of(lambda: stopping.result(60)).code in (OK, Code.UNAVAILABLE, Code.CANCELLED)
+    waited = status_of(lambda: waiting.result(60))
+    assert waited.code in (OK, Code.UNAVAILABLE, Code.CANCELLED) and (not waited.response or
+                                                                       waited.response.state == pb.STOPPED), waited
     for (name, offset), (code, ran) in zip(streams, readers.results()):
         assert code in (OK, Code.UNAVAILABLE, Code.CANCELLED), (name, offset, code)
         if code == OK:
@@ -1941,9 +2074,9 @@ def test_reliability_a_server_with_bad_configuration_exits_at_once_with_a_clear_
 # -- hostile input -----------------------------------------------------------------------------------------------------
 
 SAFE_PROGRAMS = {"true", "echo"}  # what generated commands may run (names that would run anything else are left out)
-METHODS = ("Start", "Stop", "Query", "Stream", "List")
+METHODS = ("Start", "Stop", "Query", "Stream", "List", "Wait")
 REQUEST_TYPES = {"Start": pb.StartRequest, "Stop": pb.StopRequest, "Query": pb.QueryRequest,
-                 "Stream": pb.StreamRequest, "List": pb.ListRequest}
+                 "Stream": pb.StreamRequest, "List": pb.ListRequest, "Wait": pb.WaitRequest}
 INVALID, NOT_FOUND, RESOURCE_EXHAUSTED = Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED
 HOSTILE = settings(deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -2256,12 +2389,12 @@ def subject_types(cert):
 
 
 def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc(server, pki):
-    """Every kind of caller against all five RPCs: the role is the one OU of the subject that names a role, read from
+    """Every kind of caller against all six RPCs: the role is the one OU of the subject that names a role, read from
     the DER (a value that merely looks like an OU is not one), the identity its one CN; anything else is refused,
     from the TLS handshake (no certificate, another CA, expired, plaintext) to TLS 1.2."""
     DENIED, UNAUTHENTICATED, HANDSHAKE = Code.PERMISSION_DENIED, Code.UNAUTHENTICATED, Code.UNAVAILABLE
     everything = dict.fromkeys(METHODS, OK)
-    observes = {"Start": DENIED, "Stop": DENIED, "Query": OK, "Stream": OK, "List": OK}
+    observes = {"Start": DENIED, "Stop": DENIED, "Query": OK, "Stream": OK, "List": OK, "Wait": OK}
     every = lambda code: dict.fromkeys(METHODS, code)
     now = time.time()
     other = PKI(os.path.join(pki.dir, "matrix-other"))
@@ -2323,6 +2456,8 @@ def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc
     ]
     admin = server.client("admin")
     target = admin.start(["sh", "-c", "echo running; exec sleep 600"])  # another's job, for those that may not start
+    ended = admin.start(["true"])  # and another's that has ended, for their Wait
+    admin.wait(ended)
     mismatches = []
     for who, connect, expected, identity in rows:
         channel, cleanup = connect()
@@ -2343,6 +2478,8 @@ def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc
             got["Stream"] = status_of(lambda: first_message(job_id)).code
             got["List"] = status_of(lambda: stub.List(pb.ListRequest(), timeout=10)).code
             got["Stop"] = status_of(lambda: stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=10)).code
+            waited = started.job_id if started else ended  # ended by now: the Wait returns at once
+            got["Wait"] = status_of(lambda: stub.Wait(pb.WaitRequest(job_id=waited), timeout=10)).code
         finally:
             channel.close()
             if cleanup:
