@@ -7,7 +7,7 @@ decides what each caller may do from the role (OU) in its certificate. Each job 
 and network namespaces, under a small init of ours, as an unprivileged user.
 
     python jobworker.py serve                      # the service
-    python jobworker.py start -- CMD [ARG...]      # the client: start, stop, query, stream, list
+    python jobworker.py run -- CMD [ARG...]        # the client: run, start, stop, query, stream, wait, list
 
 The file reads the way a request travels: security (TLS, identity, roles), the gRPC server and its RPCs, the job
 manager, isolation, the inits that run each job (the one part that runs outside the server), the job's output on
@@ -2094,7 +2094,7 @@ class Client:
         return list(self.stub.List(pb.ListRequest()).jobs)
 
     def wait(self, job_id, retries=8):
-        """The job's final status, once it has ended; reconnects with backoff and waits again if the connection drops."""
+        """The job's final status, once it has ended; if the connection drops, reconnects with backoff and waits on."""
         failures = 0
         while True:
             try:
@@ -2235,11 +2235,82 @@ def run_client(args):
 
 
 def cli_start(client, args):
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        raise SystemExit("jobworker: start needs a command: start [OPTIONS] -- CMD [ARG...]")
-    print(client.start(command, **{field: getattr(args, field) for field, *_ in LIMIT_OPTIONS.values()}))
+    print(_start(client, args))
     return 0
+
+
+def _start(client, args):
+    """Starts the job that start's and run's flags describe; returns its id."""
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:  # a mistake on the command line, told as the parser tells one
+        print(f"jobworker: {args.action}: a command is needed: {args.action} [OPTIONS] -- CMD [ARG...]",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return client.start(command, env=dict(args.env), working_directory=args.workdir,
+                        **{field: getattr(args, field) for field, *_ in LIMIT_OPTIONS.values()})
+
+
+def cli_run(client, args):
+    """Starts a job, writes its output as it comes and exits with its status, as `ssh host cmd` does."""
+    if args.detach:
+        return cli_start(client, args)
+    with StopOnInterrupt(client) as interrupts:  # before the Start, so that no Ctrl-C goes unanswered
+        job_id = _start(client, args)
+        interrupts.started(job_id)
+        try:
+            return _write_output(client.stream(job_id))
+        except BrokenPipeError:  # our reader has gone, and nobody will see the job's output: it ends
+            client.stop(job_id)
+            return 141
+
+
+class StopOnInterrupt:
+    """run's answer to SIGINT (Ctrl-C) and SIGTERM: the first asks the server to stop the job (SIGTERM, then SIGKILL
+    after the grace period), the second to kill it at once, the third leaves at once (130), the job as it is. A Stop
+    runs in a thread of its own, so that the output keeps coming until the job has ended."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SAID = {1: b"jobworker: stopping the job (again to kill it)\n",
+            2: b"jobworker: killing the job (again to leave without waiting)\n"}
+
+    def __init__(self, client):
+        self.client, self.job_id, self.caught, self._stops = client, None, 0, []
+
+    def __enter__(self):
+        self._previous = [signal.signal(sig, self._catch) for sig in self.SIGNALS]
+        return self
+
+    def __exit__(self, kind, *_):
+        for sig, previous in zip(self.SIGNALS, self._previous):
+            signal.signal(sig, previous)
+        if kind is not KeyboardInterrupt:  # once the job has ended its Stops return; one who leaves does not wait
+            for stop in self._stops:
+                stop.join()
+
+    def started(self, job_id):
+        self.job_id = job_id
+        if self.caught:  # during the Start (if one comes in between too, the job is asked twice: no harm)
+            self._stop(force=self.caught > 1)
+
+    def _catch(self, sig, frame):
+        self.caught += 1
+        if self.caught > 2:
+            raise KeyboardInterrupt
+        if os.isatty(2):  # for whoever pressed Ctrl-C; a script's stderr gets the job's alone
+            os.write(2, self.SAID[self.caught])
+        if self.job_id:
+            self._stop(force=self.caught > 1)
+
+    def _stop(self, force):
+        self._stops.append(threading.Thread(target=self._send_stop, args=(force,), name="stop", daemon=True))
+        self._stops[-1].start()
+
+    def _send_stop(self, force):
+        try:
+            self.client.stop(self.job_id, force=force)
+        except grpc.RpcError as e:  # the stream goes on; another Ctrl-C tries again
+            if e.code() != grpc.StatusCode.CANCELLED:
+                os.write(2, f"jobworker: cannot stop the job: {e.code().name}: {e.details()}\n".encode())
 
 
 def cli_status(client, args):
@@ -2250,13 +2321,39 @@ def cli_status(client, args):
     return 0
 
 
+def cli_wait(client, args):
+    status = client.wait(args.job_id)
+    if args.json:
+        print(to_json(status))
+    return exit_status(status)
+
+
 def cli_stream(client, args):
-    outputs = {pb.StreamResponse.STDOUT: sys.stdout.buffer.fileno(), pb.StreamResponse.STDERR: sys.stderr.buffer.fileno()}
-    for message in client.stream(args.job_id, args.offset):
-        if message.data:
-            _write_all(outputs[message.source], message.data)
+    """The job's output from an offset, or its last SIZE bytes (--tail), then what comes (or not: --no-follow)."""
+    offset, end = args.offset, None
+    if args.tail is not None or not args.follow:
+        status = client.query(args.job_id)  # the output may grow before the Stream begins: it then starts earlier
+        if args.tail is not None:
+            offset = max(0, status.output_bytes - args.tail)
+        if not args.follow and status.state == pb.JobState.Value("RUNNING"):
+            end = status.output_bytes  # what is there now (an ended job's stream ends with its status anyway)
+            if offset >= end:
+                return 0
+    return _write_output(client.stream(args.job_id, offset), end)
+
+
+def _write_output(messages, end=None):
+    """Writes a job's output, its stdout to ours and its stderr to ours; returns the job's exit status once it has
+    ended, or 0 when the output reaches `end`."""
+    outputs = {pb.StreamResponse.STDOUT: sys.stdout.fileno(), pb.StreamResponse.STDERR: sys.stderr.fileno()}
+    for message in messages:
+        data = message.data if end is None else message.data[:end - message.offset]
+        if data:
+            _write_all(outputs[message.source], data)
         if message.HasField("status"):
             return exit_status(message.status)
+        if end is not None and message.offset + len(data) >= end:
+            return 0
     raise SystemExit("jobworker: the stream ended without the job's status")
 
 
@@ -2293,6 +2390,16 @@ LIMIT_OPTIONS = {
 }
 
 
+def _variable(text):
+    """KEY=VALUE of -e: (KEY, VALUE); KEY alone takes its value from our own environment, as `docker run -e` does."""
+    key, equals, value = text.partition("=")
+    if not equals:
+        if key not in os.environ:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither KEY=VALUE nor a variable set here")
+        value = os.environ[key]
+    return key, value
+
+
 def _limit_option(text):
     """LIMIT=VALUE of serve's --default and --max: (the Limits field, the value)."""
     name, _, value = text.partition("=")
@@ -2323,7 +2430,8 @@ def build_parser():
             self.exit(2, f"jobworker: {self.prog.split()[-1]}: {message}\n")
 
     parser = Parser(prog="jobworker.py", description="Run Linux commands for remote clients, safely.")
-    commands = parser.add_subparsers(dest="action", required=True, metavar="{serve,start,stop,query,stream,list}")
+    commands = parser.add_subparsers(dest="action", required=True,
+                                     metavar="{serve,run,start,stop,query,stream,wait,list}")
 
     serve_ = commands.add_parser("serve", help="run the service")
     serve_.add_argument("--addr", default="127.0.0.1:7777", help="HOST:PORT to listen on (port 0: any free one)")
@@ -2341,10 +2449,20 @@ def build_parser():
         serve_.add_argument(flag, dest=dest, action="append", type=_limit_option, default=[], metavar="LIMIT=VALUE",
                             help=f"{summary}; LIMIT is one of {', '.join(LIMIT_OPTIONS)} (repeatable)")
 
+    run = _client_command(commands, "run", cli_run, "start a job, write its output and exit with its status; "
+                          "Ctrl-C stops it, a second Ctrl-C kills it")
+    run.add_argument("--detach", action="store_true", help="only start it and print its id, as start does")
     start = _client_command(commands, "start", cli_start, "start a job and print its id")
-    for flag, (field, parse, metavar, summary) in LIMIT_OPTIONS.items():
-        start.add_argument(f"--{flag}", dest=field, type=parse, default=0, metavar=metavar, help=summary)
-    start.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]", help="the command to run")
+    for subcommand in (run, start):
+        for flag, (field, parse, metavar, summary) in LIMIT_OPTIONS.items():
+            subcommand.add_argument(f"--{flag}", dest=field, type=parse, default=0, metavar=metavar, help=summary)
+        subcommand.add_argument("-e", "--env", action="append", type=_variable, default=[], metavar="KEY=VALUE",
+                                help="a variable for the job, on top of PATH, HOME, USER, LOGNAME, SHELL and LANG; "
+                                     "KEY alone passes the value it has here (repeatable)")
+        subcommand.add_argument("--workdir", default="", metavar="DIR",
+                                help="the directory it starts in, on the server (default /)")
+        subcommand.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
+                                help="the command to run")
 
     stop = _client_command(commands, "stop", cli_status, "stop a job, and show how it ended")
     stop.add_argument("--force", action="store_true", help="SIGKILL at once")
@@ -2356,9 +2474,18 @@ def build_parser():
         subcommand.add_argument("job_id", metavar="JOB_ID", help="the job")
 
     stream = _client_command(commands, "stream", cli_stream, "write a job's output, then exit with its status")
-    stream.add_argument("--offset", type=_number(int, 0, UINT64_MAX), default=0, metavar="N",
-                        help="start at this byte of the output")
+    where = stream.add_mutually_exclusive_group()
+    where.add_argument("--offset", type=_number(int, 0, UINT64_MAX), default=0, metavar="N",
+                       help="start at this byte of the output")
+    where.add_argument("--tail", type=_number(parse_size, 0, UINT64_MAX), metavar="SIZE",
+                       help="start SIZE bytes before the end of the output so far, e.g. 4K")
+    stream.add_argument("--no-follow", dest="follow", action="store_false",
+                        help="write what there is now, then exit: 0 if the job still runs, else its status")
     stream.add_argument("job_id", metavar="JOB_ID", help="the job")
+
+    wait = _client_command(commands, "wait", cli_wait, "wait until a job has ended, then exit with its status")
+    wait.add_argument("--json", action="store_true", help="print its final status as JSON")
+    wait.add_argument("job_id", metavar="JOB_ID", help="the job")
 
     listing = _client_command(commands, "list", cli_list, "list the jobs you may see")
     listing.add_argument("--json", action="store_true", help="as JSON")

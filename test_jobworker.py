@@ -898,6 +898,176 @@ def test_cli_session(server):
     assert forced.returncode == 0 and b"STOPPED" in forced.stdout
 
 
+def job_with(client, label):
+    """The status of the job whose command line holds `label`."""
+    (status,) = [status for status in client.list() if label in " ".join(status.command)]
+    return status
+
+
+def stops_of(server, job_id):
+    """Whether each Stop of a job was forced, graceful ones first (the audit log has them as they returned)."""
+    with open(os.path.join(server.data_dir, "audit.log")) as f:
+        entries = [json.loads(line) for line in f]
+    return sorted(entry["force"] for entry in entries if entry["action"] == "stop" and entry["job_id"] == job_id)
+
+
+def test_cli_run_writes_the_output_and_exits_with_the_jobs_status(server, admin):
+    ran = server.cli("run", "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 5")
+    assert (ran.stdout, ran.stderr, ran.returncode) == (b"to-out\n", b"to-err\n", 5)
+    assert server.cli("run", "true").returncode == 0
+    killed = server.cli("run", "--", "sh", "-c", "kill -KILL $$")
+    assert (killed.stdout, killed.stderr, killed.returncode) == (b"", b"", 128 + signal.SIGKILL)
+    detached = server.cli("run", "--detach", "--", "sh", "-c", "exit 4")
+    job_id = detached.stdout.decode().strip()
+    assert detached.returncode == 0 and detached.stdout == f"{job_id}\n".encode()
+    assert admin.wait(job_id).exit_code == 4
+    refused = server.cli("run", "--", "/no/such/program")
+    assert refused.returncode == 1 and refused.stderr.startswith(b"INVALID_ARGUMENT: ")
+    assert len(refused.stderr.splitlines()) == 1 and not refused.stdout
+    empty = server.cli("run", "--")
+    assert empty.returncode == 2 and empty.stderr.startswith(b"jobworker: run: ") and not empty.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_run_stops_the_job_gracefully_at_a_first_ctrl_c_or_sigterm(server, admin, sig):
+    label = marker()
+    cli = subprocess.Popen(server.cli_argv("run", "--", "sh", "-c", f"trap 'echo got TERM; exit 7' TERM; echo ready; "
+                                                                  f"sleep {label} & wait"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert read_exactly(cli.stdout, 6) == b"ready\n"  # the job runs, and the CLI has its handlers in place
+    cli.send_signal(sig)
+    out, err = cli.communicate(timeout=60)
+    assert (out, err, cli.returncode) == (b"got TERM\n", b"", 7)  # the output came on to the job's end
+    status = job_with(admin, label)
+    assert status.state == pb.STOPPED and status.exit_code == 7
+    assert stops_of(server, status.job_id) == [False]
+
+
+def test_cli_run_kills_the_job_at_a_second_ctrl_c(server, admin):
+    label = marker()
+    code = (f"# {label}\nimport signal\nsignal.signal(signal.SIGTERM, lambda *_: print('got TERM', flush=True))\n"
+            "print('ready', flush=True)\nwhile True:\n    signal.pause()\n")
+    cli = subprocess.Popen(server.cli_argv("run", "--", *py(code)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert read_exactly(cli.stdout, 6) == b"ready\n"
+    cli.send_signal(signal.SIGINT)
+    assert read_exactly(cli.stdout, 9) == b"got TERM\n"  # the graceful Stop has reached the job, which goes on
+    cli.send_signal(signal.SIGINT)
+    out, err = cli.communicate(timeout=60)
+    assert (out, err, cli.returncode) == (b"", b"", 128 + signal.SIGKILL)
+    status = job_with(admin, label)
+    assert status.state == pb.STOPPED and status.signal == signal.SIGKILL
+    assert stops_of(server, status.job_id) == [False, True]
+    assert processes_with(label) == []
+
+
+def test_cli_run_leaves_at_a_third_ctrl_c_when_the_server_does_not_answer(pki, tmp_path):
+    """On a terminal, each Ctrl-C says what it did (and so the test knows when the CLI has had it: signals sent at
+    once would arrive as one)."""
+    server = Server(pki, str(tmp_path))
+    terminal, its_end = os.openpty()
+    cli = subprocess.Popen(server.cli_argv("run", "--", "sh", "-c", f"echo ready; sleep {marker()}"),
+                           stdout=subprocess.PIPE, stderr=its_end)
+    os.close(its_end)
+    try:
+        assert read_exactly(cli.stdout, 6) == b"ready\n"
+        server.proc.send_signal(signal.SIGSTOP)  # a server that has hung
+        try:
+            for said in (b"stopping the job (again to kill it)", b"killing the job (again to leave without waiting)"):
+                cli.send_signal(signal.SIGINT)
+                assert os.read(terminal, 1000) == b"jobworker: " + said + b"\r\n"
+            cli.send_signal(signal.SIGINT)
+            assert cli.wait(60) == 130 and cli.stdout.read() == b""
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+    finally:
+        os.close(terminal)
+        cli.stdout.close()
+
+
+def test_cli_run_stops_the_job_when_its_reader_goes_away(server, admin):
+    label = marker()
+    cli = subprocess.Popen(server.cli_argv("run", "--", "yes", label), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert read_exactly(cli.stdout, len(label) + 1) == f"{label}\n".encode()
+    cli.stdout.close()  # as `head -1` would
+    err = cli.stderr.read()
+    assert cli.wait(60) == 141 and err == b""
+    status = job_with(admin, label)
+    assert status.state == pb.STOPPED and status.signal == signal.SIGTERM
+    assert stops_of(server, status.job_id) == [False]
+
+
+def test_cli_start_and_run_give_the_job_variables_and_a_working_directory(server, job_directory):
+    here = dict(os.environ, FROM_HERE="passed on")
+    ran = subprocess.run(server.cli_argv("run", "-e", "A=1", "--env", "B=x=y", "-e", "A=2", "-e", "FROM_HERE",
+                                         "--workdir", job_directory, "--", "sh", "-c", 'echo "$A $B $FROM_HERE"; pwd'),
+                         env=here, capture_output=True, timeout=60)
+    assert (ran.stdout, ran.stderr, ran.returncode) == (f"2 x=y passed on\n{job_directory}\n".encode(), b"", 0)
+    started = server.cli("start", "-e", "A=1", "--workdir", job_directory, "--", "true")
+    status = json.loads(server.cli("wait", "--json", started.stdout.decode().strip()).stdout)
+    assert status["env"] == {"A": "1"} and status["working_directory"] == job_directory
+    cases = [
+        (("start", "-e", f"UNSET_{marker()}", "--", "true"), 2, "jobworker: start: "),
+        (("run", "-e", "=x", "--", "true"), 1, "INVALID_ARGUMENT: not a variable name: ''"),
+        (("run", "--workdir", "/no/such/directory", "--", "true"), 1,
+         "INVALID_ARGUMENT: cannot enter the working directory '/no/such/directory': No such file or directory"),
+        (("start", "--workdir", "relative", "--", "true"), 1, "INVALID_ARGUMENT: the working directory must be "),
+    ]
+    for argv, code, said in cases:
+        result = server.cli(*argv)
+        assert result.returncode == code and not result.stdout, (argv, result)
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.decode().startswith(said), (argv, result)
+
+
+def test_cli_wait_exits_with_the_status_of_a_job_once_it_has_ended(server, admin, gate):
+    job_id = admin.start(py(gate.hold() + "raise SystemExit(9)"))
+    wait_for_output(admin.stub, job_id, b"ready\n")
+    connections = connections_to(server)
+    waiting = subprocess.Popen(server.cli_argv("wait", job_id), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert wait_until(lambda: connections_to(server) > connections), "the CLI never connected"
+    assert waiting.poll() is None, "wait returned while the job ran"
+    gate.open()
+    out, err = waiting.communicate(timeout=60)
+    assert (out, err, waiting.returncode) == (b"", b"", 9)
+    ended = server.cli("wait", "--json", job_id)
+    assert ended.returncode == 9 and not ended.stderr
+    assert json.loads(ended.stdout)["state"] == "EXITED" and json.loads(ended.stdout)["exit_code"] == 9
+    killed = admin.start(["sleep", "600"])
+    admin.stop(killed, force=True)
+    assert server.cli("wait", killed).returncode == 128 + signal.SIGKILL
+    unknown = server.cli("wait", str(uuid.uuid4()))
+    assert unknown.returncode == 1 and unknown.stderr.startswith(b"NOT_FOUND: ") and not unknown.stdout
+
+
+def test_cli_stream_tail_and_no_follow_of_an_ended_job(server, admin):
+    job_id = admin.start(["sh", "-c", "printf 0123456789; exit 3"])
+    admin.wait(job_id)
+    cases = {("--tail", "4"): b"6789", ("--tail", "1K"): b"0123456789", ("--tail", "0"): b"",
+             ("--no-follow",): b"0123456789", ("--tail", "2", "--no-follow"): b"89",
+             ("--offset", "9", "--no-follow"): b"9"}
+    for flags, out in cases.items():
+        result = server.cli("stream", *flags, job_id)
+        assert (result.stdout, result.stderr, result.returncode) == (out, b"", 3), flags
+    both = server.cli("stream", "--tail", "1", "--offset", "1", job_id)
+    assert both.returncode == 2 and len(both.stderr.splitlines()) == 1 and not both.stdout
+
+
+def test_cli_stream_tail_and_no_follow_of_a_running_job(server, admin, gate):
+    job_id = admin.start(py("import sys\nsys.stdout.write('0123456789'); sys.stdout.flush()\n" + gate.hold("") +
+                            "print('more')\nraise SystemExit(4)"))
+    wait_for_output(admin.stub, job_id, b"0123456789")
+    cases = {("--no-follow",): b"0123456789", ("--tail", "4", "--no-follow"): b"6789",
+             ("--offset", "10", "--no-follow"): b"", ("--offset", "99", "--no-follow"): b""}
+    for flags, out in cases.items():
+        result = server.cli("stream", *flags, job_id)  # returns, although the job runs on
+        assert (result.stdout, result.stderr, result.returncode) == (out, b"", 0), flags
+    following = subprocess.Popen(server.cli_argv("stream", "--tail", "4", job_id), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+    assert read_exactly(following.stdout, 4) == b"6789"
+    gate.open()
+    rest, err = following.communicate(timeout=60)
+    assert (rest, err, following.returncode) == (b"more\n", b"", 4)
+
+
 def test_cli_errors_are_one_line_naming_the_status(server):
     cases = [
         (("start", "--", "sleep", "1"), "observer", None, "PERMISSION_DENIED: observers cannot start jobs"),
@@ -925,6 +1095,7 @@ def test_cli_numeric_flags_refuse_what_their_field_cannot_hold(server, tmp_path)
     cases += [("start", "--memory", "99999999999T", "--", "true"), ("start", "--pids", "1.5", "--", "true")]
     cases += [("stop", "--timeout", value, job_id) for value in ("-1", "nan", "inf", "3601", "soon")]
     cases += [("stream", "--offset", value, job_id) for value in ("-1", "99999999999999999999999", "start")]
+    cases += [("stream", "--tail", value, job_id) for value in ("-1", "lots", beyond_uint64)]
     cases += [("serve", "--data-dir", str(tmp_path), *limit) for limit in
               (("--default", "pids=-3"), ("--max", "memory=99999999999T"), ("--default", "cpu=nan"))]
     results = Concurrently([functools.partial(server.cli, *argv) for argv in cases]).results()
