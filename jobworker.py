@@ -54,9 +54,11 @@ argparse = _ImportedOnFirstUse("argparse")
 futures = _ImportedOnFirstUse("concurrent.futures")
 logging = _ImportedOnFirstUse("logging")
 shutil = _ImportedOnFirstUse("shutil")
+shlex = _ImportedOnFirstUse("shlex")
 ssl = _ImportedOnFirstUse("ssl")
 subprocess = _ImportedOnFirstUse("subprocess")
 threading = _ImportedOnFirstUse("threading")
+unicodedata = _ImportedOnFirstUse("unicodedata")
 uuid = _ImportedOnFirstUse("uuid")
 
 LIMITS = ("cpu_cores", "memory_bytes", "io_read_bps", "io_write_bps", "pids")
@@ -2143,18 +2145,64 @@ def signal_name(number):
         return str(number)
 
 
-def describe(status):
-    """A JobStatus on one line."""
-    state = pb.JobState.Name(status.state)
+COLUMNS = ("JOB ID", "STATE", "RESULT", "OWNER", "STARTED", "DURATION", "OUTPUT", "COMMAND")
+RIGHT_ALIGNED = {"OUTPUT"}
+
+
+def table(statuses):
+    """Jobs as lines of aligned columns under a header: each column as wide as its widest cell, so that no owner or
+    result, however long, moves the columns after it; the command last, as long as it is."""
+    now = time.time()
+    rows = [COLUMNS] + [_cells(status, now) for status in statuses]
+    widths = [max(_width(row[column]) for row in rows) for column in range(len(COLUMNS) - 1)]
+    lines = []
+    for row in rows:
+        cells = [" " * (width - _width(cell)) + cell if name in RIGHT_ALIGNED else cell + " " * (width - _width(cell))
+                 for name, cell, width in zip(COLUMNS, row, widths)]
+        lines.append("  ".join(cells + [row[-1]]))
+    return lines
+
+
+def _cells(status, now):
     if status.HasField("exit_code"):
-        how = f"exit {status.exit_code}"
+        result = f"exit {status.exit_code}"
     elif status.signal:
-        how = f"signal {status.signal} ({signal_name(status.signal)})"
+        result = f"signal {status.signal} ({signal_name(status.signal)})"
     else:
-        how = f"pid {status.pid}"
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.started_at.seconds))
-    return (f"{status.job_id}  {state:<10} {how:<20} {status.owner:<12} {started}  "
-            f"{status.output_bytes:>10}B  {' '.join(status.command)}")
+        result = f"pid {status.pid}"
+    started = status.started_at.ToNanoseconds() / 1e9
+    ended = status.ended_at.ToNanoseconds() / 1e9 if status.HasField("ended_at") else now  # the client's clock
+    return (status.job_id, pb.JobState.Name(status.state), result, _printable(status.owner),
+            time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)), format_duration(max(0.0, ended - started)),
+            format_size(status.output_bytes), _printable(shlex.join(status.command)))
+
+
+def format_duration(seconds):
+    """12.3s, 3m12s, 2h05m, 3d04h."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, hours, days = int(seconds) // 60, int(seconds) // 3600, int(seconds) // 86400
+    if seconds < 3600:
+        return f"{minutes}m{int(seconds) % 60:02d}s"
+    return f"{hours}h{minutes % 60:02d}m" if seconds < 86400 else f"{days}d{hours % 24:02d}h"
+
+
+def format_size(size):
+    """26 B, 1.5 KiB, 12.0 MiB: binary multiples, as the size flags take them."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if size < 1024 or unit == "EiB":
+            return f"{size} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def _printable(text):
+    """Text as one line a terminal shows as it is: a newline or an escape sequence (a CN may hold one) is escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _width(text):
+    """The columns a terminal gives text: two for a wide character, none for a combining one."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def to_json(message):
@@ -2314,10 +2362,10 @@ class StopOnInterrupt:
 
 
 def cli_status(client, args):
-    """query and stop: the job's status, as a line or as JSON."""
+    """query and stop: the job's status, as a row of list's table or as JSON."""
     status = client.query(args.job_id) if args.action == "query" else \
         client.stop(args.job_id, force=args.force, timeout=args.timeout)
-    print(to_json(status) if args.json else describe(status))
+    print(to_json(status) if args.json else "\n".join(table([status])))
     return 0
 
 
@@ -2359,10 +2407,7 @@ def _write_output(messages, end=None):
 
 def cli_list(client, args):
     jobs = client.list()
-    if args.json:
-        print(to_json(pb.ListResponse(jobs=jobs)))
-    for status in [] if args.json else jobs:
-        print(describe(status))
+    print(to_json(pb.ListResponse(jobs=jobs)) if args.json else "\n".join(table(jobs)))
     return 0
 
 

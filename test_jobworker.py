@@ -1124,6 +1124,69 @@ def test_cli_query_and_list_describe_a_job_ended_by_a_realtime_signal(server, ad
     assert server.cli("stream", job_id).returncode == 128 + number
 
 
+def test_sizes_and_durations_read_as_people_write_them():
+    sizes = {0: "0 B", 1023: "1023 B", 1024: "1.0 KiB", 1536: "1.5 KiB", 5 * MiB: "5.0 MiB", 3 << 30: "3.0 GiB",
+             2 ** 64 - 1: "16.0 EiB"}
+    assert {size: jobworker.format_size(size) for size in sizes} == sizes
+    durations = {0.04: "0.0s", 59.94: "59.9s", 60: "1m00s", 192.5: "3m12s", 2 * 3600 + 300: "2h05m",
+                 3 * 86400 + 4 * 3600 + 59: "3d04h"}
+    assert {seconds: jobworker.format_duration(seconds) for seconds in durations} == durations
+
+
+def columns(line, header):
+    """The cells of a line of list's or query's table, each where the header says its column is: a cell begins where
+    its header does (ends, for a right-aligned column) and runs to two spaces; the command runs to the line's end."""
+    cells = []
+    for match in re.finditer(r"\S+(?: \S+)*", header):
+        name, (start, end) = match.group(), match.span()
+        if name == "COMMAND":
+            cells.append(line[start:])
+            continue
+        cell = re.search(r"\S+(?: \S+)*$", line[:end]) if name in jobworker.RIGHT_ALIGNED else \
+            re.match(r"\S+(?: \S+)*", line[start:])
+        assert cell, f"nothing in {name}'s column: {line!r}"
+        cells.append(cell.group())
+    return cells
+
+
+def test_cli_list_and_query_print_aligned_columns_local_times_durations_and_sizes(server, admin, pki, gate):
+    """Times in the local time zone with its offset (here +05:30, from TZ), durations, sizes with units, and columns
+    that stay aligned whatever the length of an owner, a result or a command (one line each, even with a newline)."""
+    owner = "a-rather-long-owner-name-" * 2
+    long_named = server.client(pki.leaf("long-owner", f"/O=jobworker/OU=user/CN={owner}"))
+    ended = long_named.start(["head", "-c", "2048", "/dev/zero"])
+    killed = admin.start(["sh", "-c", f"kill -s {signal.SIGRTMIN + 1} $$"])
+    odd = admin.start(["printf", "%s", "line one\nline two", "\x1b[31m"])  # an escape sequence: red
+    running = admin.start(py(gate.hold()))
+    wait_for_output(admin.stub, running, b"ready\n")
+    statuses = {job_id: admin.wait(job_id) for job_id in (ended, killed, odd)} | {running: admin.query(running)}
+    local = dict(os.environ, TZ="IST-05:30")  # POSIX: the offset west of UTC, hence the minus
+    cli = lambda *argv: subprocess.run(server.cli_argv(*argv), env=local, capture_output=True, timeout=60)
+    listed = cli("list")
+    assert listed.returncode == 0 and not listed.stderr
+    header, *lines = listed.stdout.decode().splitlines()
+    assert columns(header, header) == list(jobworker.COLUMNS)
+    rows = {line.split()[0]: columns(line, header) for line in lines}
+    assert len(rows) == len(lines) == len(admin.list()), "a job's line broke, or is missing"
+    expected = {
+        ended: ["EXITED", "exit 0", owner, "2.0 KiB", "head -c 2048 /dev/zero"],
+        killed: ["EXITED", f"signal {signal.SIGRTMIN + 1} (SIGRTMIN+1)", "ada", "0 B",
+                 f"sh -c 'kill -s {signal.SIGRTMIN + 1} $$'"],
+        odd: ["EXITED", "exit 0", "ada", "22 B", "printf %s 'line one\\nline two' '\\x1b[31m'"],
+        running: ["RUNNING", f"pid {statuses[running].pid}", "ada", "6 B", "python3 -c 'import socket\\ngate = "],
+    }
+    for job_id, (state, result, who, size, command) in expected.items():
+        started = time.gmtime(statuses[job_id].started_at.seconds + 5 * 3600 + 30 * 60)
+        assert rows[job_id][:5] == [job_id, state, result, who, time.strftime("%Y-%m-%d %H:%M:%S +0530", started)]
+        assert re.fullmatch(r"\d+\.\ds|\d+m\d\ds", rows[job_id][5]), rows[job_id]
+        assert rows[job_id][6] == size and rows[job_id][7].startswith(command), rows[job_id]  # the gate's: its start
+    queried = cli("query", ended)
+    assert queried.returncode == 0 and not queried.stderr
+    query_header, row = queried.stdout.decode().splitlines()
+    assert columns(row, query_header) == rows[ended]
+    gate.open()
+
+
 def test_cli_connection_flags_come_from_the_environment(server):
     cert, key = server.pki.roles["observer"]
     env = dict(os.environ, JOBWORKER_ADDR=server.addr, JOBWORKER_CERT=cert, JOBWORKER_KEY=key,
