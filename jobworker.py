@@ -61,6 +61,7 @@ threading = _ImportedOnFirstUse("threading")
 unicodedata = _ImportedOnFirstUse("unicodedata")
 uuid = _ImportedOnFirstUse("uuid")
 
+VERSION = "1.0.0"
 LIMITS = ("cpu_cores", "memory_bytes", "io_read_bps", "io_write_bps", "pids")
 UINT64_MAX = (1 << 64) - 1
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -2242,7 +2243,7 @@ def serve(args):
     # Python handler would run only when the main thread next runs bytecode, and it may be waiting on a lock.
     signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
     server = Server(args.addr, args.cert, args.key, args.ca, args.data_dir, sandbox, policy)
-    logging.info("serving on %s (data in %s)", args.addr, args.data_dir)
+    logging.info("jobworker %s serving on %s (data in %s)", VERSION, args.addr, args.data_dir)
     print(f"listening on port {server.port}", flush=True)
     sig = signal.sigwait(SHUTDOWN_SIGNALS)
     logging.info("%s: stopping every job", signal.Signals(sig).name)
@@ -2475,6 +2476,7 @@ def build_parser():
             self.exit(2, f"jobworker: {self.prog.split()[-1]}: {message}\n")
 
     parser = Parser(prog="jobworker.py", description="Run Linux commands for remote clients, safely.")
+    parser.add_argument("--version", action="version", version=f"jobworker {VERSION}", help="say which version this is")
     commands = parser.add_subparsers(dest="action", required=True,
                                      metavar="{serve,run,start,stop,query,stream,wait,list}")
 

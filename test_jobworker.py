@@ -1068,6 +1068,12 @@ def test_cli_stream_tail_and_no_follow_of_a_running_job(server, admin, gate):
     assert (rest, err, following.returncode) == (b"more\n", b"", 4)
 
 
+def test_cli_and_server_say_their_version(server):
+    said = subprocess.run([sys.executable, JOBWORKER, "--version"], capture_output=True, timeout=60)
+    assert (said.stdout, said.returncode) == (f"jobworker {jobworker.VERSION}\n".encode(), 0)
+    assert f"jobworker {jobworker.VERSION} serving on " in server.read_log()
+
+
 def test_cli_errors_are_one_line_naming_the_status(server):
     cases = [
         (("start", "--", "sleep", "1"), "observer", None, "PERMISSION_DENIED: observers cannot start jobs"),
