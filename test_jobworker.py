@@ -2482,6 +2482,53 @@ def test_reliability_hostile_start_requests(hostile, command, limits):
     hostile.still_serves()
 
 
+# Variables and working directories: PATH is left out (a PATH of the client's could find programs other than the
+# harmless ones), and each directory maps to where the job starts in it (None: it cannot start there).
+NAMES = st.one_of(st.sampled_from(["", "=", "A=B", "A\0", "\0", "HOME", "LANG", "USER", "X", "é", "a b", "\n"]), TEXT,
+                  st.text(st.characters(codec="utf-8", exclude_characters="\0="), min_size=1, max_size=30)
+                  ).filter(lambda name: name != "PATH")
+VALUES = st.one_of(TEXT, ODD_TEXT, st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=30),
+                   st.integers(0, 80 * 1024).map(lambda n: "v" * n))
+WORKING_DIRECTORIES = {"": "/", "/": "/", "/tmp": "/tmp", "/proc": "/proc", "/tmp/": "/tmp", "relative": None,
+                       ".": None, "/no/such": None, "/etc/passwd": None, "/root": None, "/tmp\0x": None, "é": None,
+                       "/" + "x" * 300: None, "/" + "x" * 5000: None}
+
+
+def variables_outcome(request):
+    """What a Start of a harmless command with these variables and this working directory must get."""
+    if request.ByteSize() > jobworker.MAX_REQUEST_BYTES:
+        return RESOURCE_EXHAUSTED
+    env = dict(request.env)
+    size = sum(len(name.encode()) + len(value.encode()) + 2 for name, value in env.items())
+    if any(not name or "=" in name or "\0" in name for name in env) or any("\0" in v for v in env.values()) or \
+            size > jobworker.MAX_VARIABLES_BYTES:
+        return INVALID
+    return OK if WORKING_DIRECTORIES[request.working_directory] else INVALID
+
+
+@settings(HOSTILE, max_examples=60)
+@given(env=st.dictionaries(NAMES, VALUES, max_size=5), directory=st.sampled_from(list(WORKING_DIRECTORIES)))
+@example(env={"BIG": "x" * (4 * MiB)}, directory="")                                # over the request limit
+@example(env={"V": "x" * (jobworker.MAX_VARIABLES_BYTES - 4)}, directory="/tmp")   # all the room there is
+@example(env={"V": "x" * (jobworker.MAX_VARIABLES_BYTES - 3)}, directory="/tmp")   # a byte more
+def test_reliability_hostile_variables_and_working_directories(hostile, env, directory):
+    """Any variables and working directory: refused as the README says, or the job's own, byte-exact (its shell's
+    environment, as the kernel gave it, and its working directory)."""
+    request = pb.StartRequest(command=["sh", "-c", "readlink /proc/$$/cwd; cat /proc/$$/environ"], env=env,
+                              working_directory=directory)
+    expected = variables_outcome(request)
+    code, response = status_of(lambda: hostile.stub.Start(request, timeout=60))
+    assert code == expected, (code, expected, {k[:20]: v[:20] for k, v in env.items()}, directory[:40])
+    if code == OK:
+        ran = read_stream(hostile.stub, response.job_id)
+        cwd, _, environ = ran.out.partition(b"\n")
+        seen = dict(entry.split(b"=", 1) for entry in environ.split(b"\0") if entry)
+        assert cwd.decode() == WORKING_DIRECTORIES[directory] and ran.status.exit_code == 0, ran
+        assert {name.encode(): value.encode() for name, value in env.items()}.items() <= seen.items()
+        assert dict(ran.status.env) == env and ran.status.working_directory == (directory or "/")
+    hostile.still_serves()
+
+
 @settings(HOSTILE, max_examples=40)
 @given(job_id=JOB_IDS, force=st.booleans(), timeout=TIMEOUTS)
 @example(job_id="@running", force=False, timeout=3600.0)
