@@ -7,7 +7,7 @@ decides what each caller may do from the role (OU) in its certificate. Each job 
 and network namespaces, under a small init of ours, as an unprivileged user.
 
     python jobworker.py serve                      # the service
-    python jobworker.py start -- CMD [ARG...]      # the client: start, stop, query, stream, list
+    python jobworker.py run -- CMD [ARG...]        # the client: run, start, stop, query, stream, wait, list
 
 The file reads the way a request travels: security (TLS, identity, roles), the gRPC server and its RPCs, the job
 manager, isolation, the inits that run each job (the one part that runs outside the server), the job's output on
@@ -54,11 +54,14 @@ argparse = _ImportedOnFirstUse("argparse")
 futures = _ImportedOnFirstUse("concurrent.futures")
 logging = _ImportedOnFirstUse("logging")
 shutil = _ImportedOnFirstUse("shutil")
+shlex = _ImportedOnFirstUse("shlex")
 ssl = _ImportedOnFirstUse("ssl")
 subprocess = _ImportedOnFirstUse("subprocess")
 threading = _ImportedOnFirstUse("threading")
+unicodedata = _ImportedOnFirstUse("unicodedata")
 uuid = _ImportedOnFirstUse("uuid")
 
+VERSION = "1.0.0"
 LIMITS = ("cpu_cores", "memory_bytes", "io_read_bps", "io_write_bps", "pids")
 UINT64_MAX = (1 << 64) - 1
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -207,6 +210,7 @@ POLICY = {
     "Query": {"admin": Scope.EVERY, "user": Scope.OWN, "observer": Scope.EVERY},
     "Stream": {"admin": Scope.EVERY, "user": Scope.OWN, "observer": Scope.EVERY},
     "List": {"admin": Scope.EVERY, "user": Scope.OWN, "observer": Scope.EVERY},
+    "Wait": {"admin": Scope.EVERY, "user": Scope.OWN, "observer": Scope.EVERY},
 }
 AUDITED = {"Start", "Stop"}
 OID_CN, OID_OU = "2.5.4.3", "2.5.4.11"
@@ -391,8 +395,8 @@ def _read_bytes(path):
 class Server:
     """The gRPC server, its thread pool, and the JobManager behind it."""
 
-    WORKERS = 1024  # calls in flight at once; a stream holds its thread for as long as it lasts
-    RESERVED = 64   # threads streams may not take, for the other calls
+    WORKERS = 1024  # calls in flight at once; a stream or a wait holds its thread for as long as it lasts
+    RESERVED = 64   # threads streams and waits may not take, for the other calls
 
     def __init__(self, addr, cert, key, ca, data_dir, sandbox, policy):
         self.manager = JobManager(data_dir, sandbox, policy)
@@ -403,10 +407,10 @@ class Server:
                    # (and the thread) it held is released.
                    ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000),
                    ("grpc.keepalive_permit_without_calls", 1)]
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(self.WORKERS, initializer=name_this_thread, initargs=("rpc",)),
-                                 options=options, maximum_concurrent_rpcs=self.WORKERS)
-        streams = self.WORKERS - self.RESERVED
-        servicer = Servicer(self.manager, StreamSlots(streams, streams // 2))
+        pool = futures.ThreadPoolExecutor(self.WORKERS, initializer=name_this_thread, initargs=("rpc",))
+        self._grpc = grpc.server(pool, options=options, maximum_concurrent_rpcs=self.WORKERS)
+        long_calls = self.WORKERS - self.RESERVED
+        servicer = Servicer(self.manager, LongCallSlots(long_calls, long_calls // 2))
         self._grpc.add_generic_rpc_handlers((Guard(servicer, self.audit).handler(),))
         try:
             self.port = self._grpc.add_secure_port(addr, server_credentials(cert, key, ca))
@@ -505,6 +509,8 @@ class Audit:
                  "result": result, "job_id": job_id or getattr(request, "job_id", None) or None}
         if method == "Start" and not isinstance(request, Malformed):
             entry["command"] = list(request.command)[:64]
+            entry["env"] = sorted(request.env)[:64]  # the names only: values may be secrets
+            entry["working_directory"] = request.working_directory
         if method == "Stop" and not isinstance(request, Malformed):
             entry["force"] = request.force
         if error:
@@ -521,8 +527,9 @@ class Audit:
         self._file.close()
 
 
-class StreamSlots:
-    """A cap on streams in flight, in all and per caller, so that streams cannot take the threads other calls need."""
+class LongCallSlots:
+    """A cap on the calls that may last as long as a job (Stream, Wait), in all and per caller, so that they cannot take
+    the threads other calls need."""
 
     def __init__(self, total, per_caller):
         self.total, self.per_caller = total, per_caller
@@ -532,7 +539,7 @@ class StreamSlots:
     def take(self, identity):
         with self._lock:
             if sum(self._open.values()) >= self.total or self._open.get(identity, 0) >= self.per_caller:
-                raise Refused("RESOURCE_EXHAUSTED", "too many streams open; close some and try again")
+                raise Refused("RESOURCE_EXHAUSTED", "too many streams and waits open; close some and try again")
             self._open[identity] = self._open.get(identity, 0) + 1
 
     def give_back(self, identity):
@@ -549,15 +556,16 @@ class StreamSlots:
 class Servicer:
     """The JobWorker RPCs."""
 
-    def __init__(self, manager, stream_slots):
+    def __init__(self, manager, long_calls):
         self.manager = manager
-        self.stream_slots = stream_slots
+        self.long_calls = long_calls
 
     def Start(self, request, context, caller):
         limits = {name: getattr(request.limits, name) for name in LIMITS}
         # The pool makes the next init once this answer has gone, so the two do not compete for the CPU.
         context.add_callback(self.manager.pool.refill)
-        job = self.manager.start(caller.identity, list(request.command), limits)
+        job = self.manager.start(caller.identity, list(request.command), limits, dict(request.env),
+                                 request.working_directory or "/")
         return pb.StartResponse(job_id=job.id, status=job.status())
 
     def Stop(self, request, context, caller):
@@ -578,15 +586,30 @@ class Servicer:
         job = self._visible(request.job_id, caller)
         if job.outcome and request.offset > job.log.size:  # a running job may still get there
             raise Refused("OUT_OF_RANGE", f"offset {request.offset} is past the {job.log.size} bytes of output")
-        self.stream_slots.take(caller.identity)
+        self.long_calls.take(caller.identity)
         reader = LogReader(job.log, request.offset)
 
         def ended():  # however the call ends; a client that has gone away wakes its reader, which ends
             reader.cancel()
-            self.stream_slots.give_back(caller.identity)
+            self.long_calls.give_back(caller.identity)
         if not context.add_callback(ended):
             ended()
         return self._stream(job, reader)
+
+    def Wait(self, request, context, caller):
+        job = self._visible(request.job_id, caller)
+        if job.ended.is_set():
+            return job.status()
+        self.long_calls.take(caller.identity)
+        try:
+            # Woken by the job's end, or by the call's (the client cancelled, its deadline passed, it went away), when
+            # what is returned goes nowhere.
+            woken = threading.Event()
+            if context.add_callback(woken.set):
+                job.wait(woken)
+        finally:
+            self.long_calls.give_back(caller.identity)
+        return job.status()
 
     @staticmethod
     def _stream(job, reader):
@@ -631,21 +654,26 @@ class JobManager:
         self._starting = 0
         self._closed = False
 
-    def start(self, owner, command, limits):
+    def start(self, owner, command, limits, env, working_directory):
+        """Starts a job: `env` holds the client's variables, on top of the base environment."""
         if not command or not command[0]:
             raise Refused("INVALID_ARGUMENT", "the command is empty")
         if any("\0" in arg for arg in command):
             raise Refused("INVALID_ARGUMENT", "the command contains a NUL byte, which no argument can hold")
+        check_variables(env)
+        if not working_directory.startswith("/") or "\0" in working_directory:
+            raise Refused("INVALID_ARGUMENT", f"the working directory must be an absolute path, not "
+                                              f"{working_directory[:256]!r}")
         limits = self.policy.resolve(limits)
         with self._under_way():
             try:
                 init = self.pool.take()
                 with contextlib.ExitStack() as undo:  # everything a failed Start must release, in reverse order
                     undo.callback(init.discard)
-                    out_r, err_r = init.start(command, limits)
+                    out_r, err_r = init.start(command, limits, {**self.sandbox.environment, **env}, working_directory)
                     undo.callback(os.close, out_r)
                     undo.callback(os.close, err_r)
-                    job = Job(init, owner, command)
+                    job = Job(init, owner, command, env, working_directory)
                     self._pump.watch(job, out_r, err_r)
                     undo.pop_all()
             except OSError as e:
@@ -715,6 +743,23 @@ class JobManager:
                     logging.error("job %s has not ended, although its init was killed", job.id)
 
 
+MAX_VARIABLES_BYTES = 64 * 1024  # the client's variables, as KEY=VALUE\0; the kernel takes 128 KiB in one string
+
+
+def check_variables(env):
+    """Refuses (INVALID_ARGUMENT) variables no environment can hold, and more than MAX_VARIABLES_BYTES of them."""
+    size = 0
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key:
+            raise Refused("INVALID_ARGUMENT", f"not a variable name: {key[:64]!r} (it is empty, or holds '=' or NUL)")
+        if "\0" in value:
+            raise Refused("INVALID_ARGUMENT", f"the value of {key[:64]} holds a NUL byte, which no variable can hold")
+        size += len(key.encode()) + len(value.encode()) + 2
+    if size > MAX_VARIABLES_BYTES:
+        raise Refused("INVALID_ARGUMENT", f"the variables take {size} bytes as KEY=VALUE, more than the "
+                                          f"{MAX_VARIABLES_BYTES} a job may be given")
+
+
 class Outcome:
     """How a job ended: its state, the command's exit code or the signal that ended it, and what it used."""
 
@@ -726,13 +771,15 @@ class Outcome:
 class Job:
     """One command run for a client: who owns it, its init, its output, and how it ended."""
 
-    def __init__(self, init, owner, command):
+    def __init__(self, init, owner, command, env, working_directory):
         self.id, self.log, self.init = init.id, init.log, init
-        self.owner, self.command = owner, list(command)
+        self.owner, self.command, self.env, self.working_directory = owner, list(command), env, working_directory
         self.started_at = time.time()
         self.outcome = None  # set once, when the job has ended, and never changed
         self.stop_requested = False
         self.ended = threading.Event()
+        self._waiters = set()  # the Events of Wait calls, set when the job ends
+        self._waiters_lock = threading.Lock()
 
     def end(self):
         """Called once the init has exited and the job's output is in its log: records how the job ended."""
@@ -753,14 +800,30 @@ class Job:
             state = "EXITED"
         self.outcome = Outcome(state, exit_code, sig, usage)
         self.log.close()  # after the outcome is set, so that a stream's last message carries it
-        self.ended.set()
+        with self._waiters_lock:
+            self.ended.set()
+            for woken in self._waiters:
+                woken.set()
+
+    def wait(self, woken):
+        """Returns once the job has ended, or `woken` (a threading.Event) has been set by someone else."""
+        with self._waiters_lock:
+            if self.ended.is_set():
+                return
+            self._waiters.add(woken)
+        try:
+            woken.wait()
+        finally:
+            with self._waiters_lock:
+                self._waiters.discard(woken)
 
     def status(self):
         outcome = self.outcome
         usage = outcome.usage if outcome else self.init.usage()
         status = pb.JobStatus(job_id=self.id, owner=self.owner, command=self.command, pid=self.init.command_pid,
                               state=pb.JobState.Value(outcome.state if outcome else "RUNNING"),
-                              output_bytes=self.log.size, usage=pb.Usage(**usage), isolation=self.init.isolation())
+                              output_bytes=self.log.size, usage=pb.Usage(**usage), isolation=self.init.isolation(),
+                              env=self.env, working_directory=self.working_directory)
         status.started_at.FromNanoseconds(int(self.started_at * 1e9))
         if outcome:
             status.ended_at.FromNanoseconds(int(outcome.ended_at * 1e9))
@@ -1323,11 +1386,12 @@ class InitHandle:
         ready.register(self.channel, select.POLLIN)
         return bool(ready.poll(0))
 
-    def start(self, command, limits):
+    def start(self, command, limits, environment, working_directory):
         """Gives the init its job, and returns once the command runs: the read ends of its stdout and stderr."""
         sandbox = self.sandbox
         self.applied = sandbox.cgroups.apply(self.group, limits) if self.group else {}
-        job = {"command": command, "env": sandbox.environment, "cwd": "/", "uid": sandbox.uid, "gid": sandbox.gid}
+        job = {"command": command, "env": environment, "cwd": working_directory, "uid": sandbox.uid,
+               "gid": sandbox.gid}
         readers, theirs = [], []  # the init gets its own copies of theirs
         try:
             for _ in range(2):
@@ -1338,7 +1402,7 @@ class InitHandle:
             _write_all(theirs[-1], json.dumps(job).encode())
             self.channel.settimeout(START_TIMEOUT)
             send(self.channel, Message.JOB, theirs)
-            _, (pidfd,) = self._expect(Message.STARTED, command, fds=1)
+            _, (pidfd,) = self._expect(Message.STARTED, job, fds=1)
             try:
                 self.command_pid = pid_of(pidfd)  # as this server's PID namespace numbers it
             finally:
@@ -1353,9 +1417,9 @@ class InitHandle:
             for fd in theirs:
                 os.close(fd)
 
-    def _expect(self, kind, command=None, fds=0):
+    def _expect(self, kind, job=None, fds=0):
         """The init's next message, which must be `kind` with `fds` descriptors: (fields, fds). Anything else is a
-        failure, after which the init exits."""
+        failure, after which the init exits; a failure of the `job` it was given says what in it was wrong."""
         try:
             said, fields, received = receive(self.channel, fds)
         except TimeoutError:
@@ -1371,11 +1435,14 @@ class InitHandle:
             raise Refused("INTERNAL", "the job's init went away before it said why" if said is None
                           else f"the job's init said {said.value} out of turn")
         code, stage = fields.get("errno"), fields.get("stage")
+        if stage == "workdir":
+            raise Refused("INVALID_ARGUMENT", f"cannot enter the working directory {job['cwd'][:256]!r}: "
+                                              f"{os.strerror(code)}")
         if stage in ("launch", "exec") and code in (errno.EAGAIN, errno.ENOMEM):  # out of processes or memory
-            what = repr(command[0]) if command else "the job's init"
+            what = repr(job["command"][0]) if job else "the job's init"
             raise Refused("RESOURCE_EXHAUSTED", f"cannot start {what}: {os.strerror(code)}")
         if stage == "exec":
-            raise Refused("INVALID_ARGUMENT", f"cannot execute {command[0]!r}: {os.strerror(code)}")
+            raise Refused("INVALID_ARGUMENT", f"cannot execute {job['command'][0]!r}: {os.strerror(code)}")
         raise Refused("INTERNAL", f"cannot set up the job ({stage}): {fields.get('message')}")
 
     def signal(self, sig):
@@ -1582,10 +1649,11 @@ class Init:
 
     Made ahead of its job, it joins the job's cgroup, enters the job's mount and network namespaces, mounts the job's
     own /proc, brings loopback up, gives up what of the server's privilege a job could inherit, and says it is ready.
-    Given a job, it becomes the job's user for good and starts the command. Then it does what the kernel expects of
-    an init and what the server needs of a job: it reaps every zombie and passes the server's signals on to every
-    process of the job. Once the command exits it reports how, ends whatever the command left running, and exits; if
-    the server goes away (its end of the channel closes), it ends the job first. One init runs one job.
+    Given a job, it becomes the job's user for good, enters the job's working directory and starts the command. Then
+    it does what the kernel expects of an init and what the server needs of a job: it reaps every zombie and passes
+    the server's signals on to every process of the job. Once the command exits it reports how, ends whatever the
+    command left running, and exits; if the server goes away (its end of the channel closes), it ends the job first.
+    One init runs one job.
     """
 
     FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -1622,6 +1690,8 @@ class Init:
                 os.setresgid(job["gid"], job["gid"], job["gid"])  # for good: nothing of the job runs as root
                 os.setresuid(job["uid"], job["uid"], job["uid"])
                 libc("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)  # the job's user may not ptrace its init, whatever the host
+        with self._stage("workdir"):
+            os.chdir(job["cwd"])  # as the job's user, in the job's mount namespace: where the job can go
         with self._stage("exec"):
             self._execute(job, stdout, stderr)
         try:
@@ -1695,8 +1765,7 @@ class Init:
             _write("/proc/self/oom_score_adj", "0")
 
     def _execute(self, job, stdout, stderr):
-        os.chdir(job["cwd"])
-        os.environ["PATH"] = job["env"]["PATH"]  # where posix_spawnp looks for the command
+        os.environ["PATH"] = job["env"]["PATH"]  # where posix_spawnp looks for the command: the client's PATH, if set
         try:  # posix_spawn: a vfork and an exec, in C, which need not copy this process's memory
             self.command_pid = os.posix_spawnp(
                 job["command"][0], job["command"], job["env"], setsid=True, setsigmask=(),
@@ -2036,8 +2105,10 @@ class Client:
     def close(self):
         self.channel.close()
 
-    def start(self, command, **limits):
-        return self.stub.Start(pb.StartRequest(command=command, limits=pb.Limits(**limits))).job_id
+    def start(self, command, env=None, working_directory="", **limits):
+        request = pb.StartRequest(command=command, limits=pb.Limits(**limits), env=env or {},
+                                  working_directory=working_directory)
+        return self.stub.Start(request).job_id
 
     def stop(self, job_id, force=False, timeout=None):
         request = pb.StopRequest(job_id=job_id, force=force)
@@ -2051,6 +2122,15 @@ class Client:
     def list(self):
         return list(self.stub.List(pb.ListRequest()).jobs)
 
+    def wait(self, job_id, retries=8):
+        """The job's final status, once it has ended; if the connection drops, reconnects with backoff and waits on."""
+        failures = 0
+        while True:
+            try:
+                return self.stub.Wait(pb.WaitRequest(job_id=job_id))
+            except grpc.RpcError as e:
+                failures = _back_off(e, failures, retries)
+
     def stream(self, job_id, offset=0, retries=8):
         """Yields StreamResponses from `offset`; reconnects with backoff and resumes after the last byte received."""
         failures = 0
@@ -2062,10 +2142,17 @@ class Client:
                     yield message
                 return
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or failures >= retries:
-                    raise
-                failures += 1
-                time.sleep(min(0.1 * 2 ** failures, 5.0))  # backoff before reconnecting
+                failures = _back_off(e, failures, retries)
+
+
+def _back_off(error, failures, retries):
+    """Raises `error` unless the server was unavailable and fewer than `retries` tries in a row have failed; else waits
+    before the next try, longer after each failure, and returns how many have failed."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE or failures >= retries:
+        raise error
+    failures += 1
+    time.sleep(min(0.1 * 2 ** failures, 5.0))
+    return failures
 
 
 def exit_status(status):
@@ -2085,18 +2172,64 @@ def signal_name(number):
         return str(number)
 
 
-def describe(status):
-    """A JobStatus on one line."""
-    state = pb.JobState.Name(status.state)
+COLUMNS = ("JOB ID", "STATE", "RESULT", "OWNER", "STARTED", "DURATION", "OUTPUT", "COMMAND")
+RIGHT_ALIGNED = {"OUTPUT"}
+
+
+def table(statuses):
+    """Jobs as lines of aligned columns under a header: each column as wide as its widest cell, so that no owner or
+    result, however long, moves the columns after it; the command last, as long as it is."""
+    now = time.time()
+    rows = [COLUMNS] + [_cells(status, now) for status in statuses]
+    widths = [max(_width(row[column]) for row in rows) for column in range(len(COLUMNS) - 1)]
+    lines = []
+    for row in rows:
+        cells = [" " * (width - _width(cell)) + cell if name in RIGHT_ALIGNED else cell + " " * (width - _width(cell))
+                 for name, cell, width in zip(COLUMNS, row, widths)]
+        lines.append("  ".join(cells + [row[-1]]))
+    return lines
+
+
+def _cells(status, now):
     if status.HasField("exit_code"):
-        how = f"exit {status.exit_code}"
+        result = f"exit {status.exit_code}"
     elif status.signal:
-        how = f"signal {status.signal} ({signal_name(status.signal)})"
+        result = f"signal {status.signal} ({signal_name(status.signal)})"
     else:
-        how = f"pid {status.pid}"
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.started_at.seconds))
-    return (f"{status.job_id}  {state:<10} {how:<20} {status.owner:<12} {started}  "
-            f"{status.output_bytes:>10}B  {' '.join(status.command)}")
+        result = f"pid {status.pid}"
+    started = status.started_at.ToNanoseconds() / 1e9
+    ended = status.ended_at.ToNanoseconds() / 1e9 if status.HasField("ended_at") else now  # the client's clock
+    return (status.job_id, pb.JobState.Name(status.state), result, _printable(status.owner),
+            time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)), format_duration(max(0.0, ended - started)),
+            format_size(status.output_bytes), _printable(shlex.join(status.command)))
+
+
+def format_duration(seconds):
+    """12.3s, 3m12s, 2h05m, 3d04h."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, hours, days = int(seconds) // 60, int(seconds) // 3600, int(seconds) // 86400
+    if seconds < 3600:
+        return f"{minutes}m{int(seconds) % 60:02d}s"
+    return f"{hours}h{minutes % 60:02d}m" if seconds < 86400 else f"{days}d{hours % 24:02d}h"
+
+
+def format_size(size):
+    """26 B, 1.5 KiB, 12.0 MiB: binary multiples, as the size flags take them."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if size < 1024 or unit == "EiB":
+            return f"{size} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def _printable(text):
+    """Text as one line a terminal shows as it is: a newline or an escape sequence (a CN may hold one) is escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _width(text):
+    """The columns a terminal gives text: two for a wide character, none for a combining one."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def to_json(message):
@@ -2140,7 +2273,7 @@ def serve(args):
     # Python handler would run only when the main thread next runs bytecode, and it may be waiting on a lock.
     signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
     server = Server(args.addr, args.cert, args.key, args.ca, args.data_dir, sandbox, policy)
-    logging.info("serving on %s (data in %s)", args.addr, args.data_dir)
+    logging.info("jobworker %s serving on %s (data in %s)", VERSION, args.addr, args.data_dir)
     print(f"listening on port {server.port}", flush=True)
     sig = signal.sigwait(SHUTDOWN_SIGNALS)
     logging.info("%s: stopping every job", signal.Signals(sig).name)
@@ -2181,37 +2314,131 @@ def run_client(args):
 
 
 def cli_start(client, args):
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        raise SystemExit("jobworker: start needs a command: start [OPTIONS] -- CMD [ARG...]")
-    print(client.start(command, **{field: getattr(args, field) for field, *_ in LIMIT_OPTIONS.values()}))
+    print(_start(client, args))
     return 0
+
+
+def _start(client, args):
+    """Starts the job that start's and run's flags describe; returns its id."""
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:  # a mistake on the command line, told as the parser tells one
+        print(f"jobworker: {args.action}: a command is needed: {args.action} [OPTIONS] -- CMD [ARG...]",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return client.start(command, env=dict(args.env), working_directory=args.workdir,
+                        **{field: getattr(args, field) for field, *_ in LIMIT_OPTIONS.values()})
+
+
+def cli_run(client, args):
+    """Starts a job, writes its output as it comes and exits with its status, as `ssh host cmd` does."""
+    if args.detach:
+        return cli_start(client, args)
+    with StopOnInterrupt(client) as interrupts:  # before the Start, so that no Ctrl-C goes unanswered
+        job_id = _start(client, args)
+        interrupts.started(job_id)
+        try:
+            return _write_output(client.stream(job_id))
+        except BrokenPipeError:  # our reader has gone, and nobody will see the job's output: it ends
+            client.stop(job_id)
+            return 141
+
+
+class StopOnInterrupt:
+    """run's answer to SIGINT (Ctrl-C) and SIGTERM: the first asks the server to stop the job (SIGTERM, then SIGKILL
+    after the grace period), the second to kill it at once, the third leaves at once (130), the job as it is. A Stop
+    runs in a thread of its own, so that the output keeps coming until the job has ended."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SAID = {1: b"jobworker: stopping the job (again to kill it)\n",
+            2: b"jobworker: killing the job (again to leave without waiting)\n"}
+
+    def __init__(self, client):
+        self.client, self.job_id, self.caught, self._stops = client, None, 0, []
+
+    def __enter__(self):
+        self._previous = [signal.signal(sig, self._catch) for sig in self.SIGNALS]
+        return self
+
+    def __exit__(self, kind, *_):
+        for sig, previous in zip(self.SIGNALS, self._previous):
+            signal.signal(sig, previous)
+        if kind is not KeyboardInterrupt:  # once the job has ended its Stops return; one who leaves does not wait
+            for stop in self._stops:
+                stop.join()
+
+    def started(self, job_id):
+        self.job_id = job_id
+        if self.caught:  # during the Start (if one comes in between too, the job is asked twice: no harm)
+            self._stop(force=self.caught > 1)
+
+    def _catch(self, sig, frame):
+        self.caught += 1
+        if self.caught > 2:
+            raise KeyboardInterrupt
+        if os.isatty(2):  # for whoever pressed Ctrl-C; a script's stderr gets the job's alone
+            os.write(2, self.SAID[self.caught])
+        if self.job_id:
+            self._stop(force=self.caught > 1)
+
+    def _stop(self, force):
+        self._stops.append(threading.Thread(target=self._send_stop, args=(force,), name="stop", daemon=True))
+        self._stops[-1].start()
+
+    def _send_stop(self, force):
+        try:
+            self.client.stop(self.job_id, force=force)
+        except grpc.RpcError as e:  # the stream goes on; another Ctrl-C tries again
+            if e.code() != grpc.StatusCode.CANCELLED:
+                os.write(2, f"jobworker: cannot stop the job: {e.code().name}: {e.details()}\n".encode())
 
 
 def cli_status(client, args):
-    """query and stop: the job's status, as a line or as JSON."""
+    """query and stop: the job's status, as a row of list's table or as JSON."""
     status = client.query(args.job_id) if args.action == "query" else \
         client.stop(args.job_id, force=args.force, timeout=args.timeout)
-    print(to_json(status) if args.json else describe(status))
+    print(to_json(status) if args.json else "\n".join(table([status])))
     return 0
 
 
+def cli_wait(client, args):
+    status = client.wait(args.job_id)
+    if args.json:
+        print(to_json(status))
+    return exit_status(status)
+
+
 def cli_stream(client, args):
-    outputs = {pb.StreamResponse.STDOUT: sys.stdout.buffer.fileno(), pb.StreamResponse.STDERR: sys.stderr.buffer.fileno()}
-    for message in client.stream(args.job_id, args.offset):
-        if message.data:
-            _write_all(outputs[message.source], message.data)
+    """The job's output from an offset, or its last SIZE bytes (--tail), then what comes (or not: --no-follow)."""
+    offset, end = args.offset, None
+    if args.tail is not None or not args.follow:
+        status = client.query(args.job_id)  # the output may grow before the Stream begins: it then starts earlier
+        if args.tail is not None:
+            offset = max(0, status.output_bytes - args.tail)
+        if not args.follow and status.state == pb.JobState.Value("RUNNING"):
+            end = status.output_bytes  # what is there now (an ended job's stream ends with its status anyway)
+            if offset >= end:
+                return 0
+    return _write_output(client.stream(args.job_id, offset), end)
+
+
+def _write_output(messages, end=None):
+    """Writes a job's output, its stdout to ours and its stderr to ours; returns the job's exit status once it has
+    ended, or 0 when the output reaches `end`."""
+    outputs = {pb.StreamResponse.STDOUT: sys.stdout.fileno(), pb.StreamResponse.STDERR: sys.stderr.fileno()}
+    for message in messages:
+        data = message.data if end is None else message.data[:end - message.offset]
+        if data:
+            _write_all(outputs[message.source], data)
         if message.HasField("status"):
             return exit_status(message.status)
+        if end is not None and message.offset + len(data) >= end:
+            return 0
     raise SystemExit("jobworker: the stream ended without the job's status")
 
 
 def cli_list(client, args):
     jobs = client.list()
-    if args.json:
-        print(to_json(pb.ListResponse(jobs=jobs)))
-    for status in [] if args.json else jobs:
-        print(describe(status))
+    print(to_json(pb.ListResponse(jobs=jobs)) if args.json else "\n".join(table(jobs)))
     return 0
 
 
@@ -2237,6 +2464,16 @@ LIMIT_OPTIONS = {
     "io-write-bps": ("io_write_bps", _number(parse_size, 0, UINT64_MAX), "SIZE", "disk writes per second"),
     "pids": ("pids", _number(int, 0, UINT64_MAX), "COUNT", "processes and threads at once"),
 }
+
+
+def _variable(text):
+    """KEY=VALUE of -e: (KEY, VALUE); KEY alone takes its value from our own environment, as `docker run -e` does."""
+    key, equals, value = text.partition("=")
+    if not equals:
+        if key not in os.environ:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither KEY=VALUE nor a variable set here")
+        value = os.environ[key]
+    return key, value
 
 
 def _limit_option(text):
@@ -2269,7 +2506,9 @@ def build_parser():
             self.exit(2, f"jobworker: {self.prog.split()[-1]}: {message}\n")
 
     parser = Parser(prog="jobworker.py", description="Run Linux commands for remote clients, safely.")
-    commands = parser.add_subparsers(dest="action", required=True, metavar="{serve,start,stop,query,stream,list}")
+    parser.add_argument("--version", action="version", version=f"jobworker {VERSION}", help="say which version this is")
+    commands = parser.add_subparsers(dest="action", required=True,
+                                     metavar="{serve,run,start,stop,query,stream,wait,list}")
 
     serve_ = commands.add_parser("serve", help="run the service")
     serve_.add_argument("--addr", default="127.0.0.1:7777", help="HOST:PORT to listen on (port 0: any free one)")
@@ -2287,10 +2526,20 @@ def build_parser():
         serve_.add_argument(flag, dest=dest, action="append", type=_limit_option, default=[], metavar="LIMIT=VALUE",
                             help=f"{summary}; LIMIT is one of {', '.join(LIMIT_OPTIONS)} (repeatable)")
 
+    run = _client_command(commands, "run", cli_run, "start a job, write its output and exit with its status; "
+                          "Ctrl-C stops it, a second Ctrl-C kills it")
+    run.add_argument("--detach", action="store_true", help="only start it and print its id, as start does")
     start = _client_command(commands, "start", cli_start, "start a job and print its id")
-    for flag, (field, parse, metavar, summary) in LIMIT_OPTIONS.items():
-        start.add_argument(f"--{flag}", dest=field, type=parse, default=0, metavar=metavar, help=summary)
-    start.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]", help="the command to run")
+    for subcommand in (run, start):
+        for flag, (field, parse, metavar, summary) in LIMIT_OPTIONS.items():
+            subcommand.add_argument(f"--{flag}", dest=field, type=parse, default=0, metavar=metavar, help=summary)
+        subcommand.add_argument("-e", "--env", action="append", type=_variable, default=[], metavar="KEY=VALUE",
+                                help="a variable for the job, on top of PATH, HOME, USER, LOGNAME, SHELL and LANG; "
+                                     "KEY alone passes the value it has here (repeatable)")
+        subcommand.add_argument("--workdir", default="", metavar="DIR",
+                                help="the directory it starts in, on the server (default /)")
+        subcommand.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
+                                help="the command to run")
 
     stop = _client_command(commands, "stop", cli_status, "stop a job, and show how it ended")
     stop.add_argument("--force", action="store_true", help="SIGKILL at once")
@@ -2302,9 +2551,18 @@ def build_parser():
         subcommand.add_argument("job_id", metavar="JOB_ID", help="the job")
 
     stream = _client_command(commands, "stream", cli_stream, "write a job's output, then exit with its status")
-    stream.add_argument("--offset", type=_number(int, 0, UINT64_MAX), default=0, metavar="N",
-                        help="start at this byte of the output")
+    where = stream.add_mutually_exclusive_group()
+    where.add_argument("--offset", type=_number(int, 0, UINT64_MAX), default=0, metavar="N",
+                       help="start at this byte of the output")
+    where.add_argument("--tail", type=_number(parse_size, 0, UINT64_MAX), metavar="SIZE",
+                       help="start SIZE bytes before the end of the output so far, e.g. 4K")
+    stream.add_argument("--no-follow", dest="follow", action="store_false",
+                        help="write what there is now, then exit: 0 if the job still runs, else its status")
     stream.add_argument("job_id", metavar="JOB_ID", help="the job")
+
+    wait = _client_command(commands, "wait", cli_wait, "wait until a job has ended, then exit with its status")
+    wait.add_argument("--json", action="store_true", help="print its final status as JSON")
+    wait.add_argument("job_id", metavar="JOB_ID", help="the job")
 
     listing = _client_command(commands, "list", cli_list, "list the jobs you may see")
     listing.add_argument("--json", action="store_true", help="as JSON")

@@ -476,6 +476,15 @@ def gate():
     gate.close()
 
 
+@pytest.fixture
+def job_directory():
+    """A directory every job may enter (a test's tmp_path is under a directory only root may enter)."""
+    directory = tempfile.mkdtemp(prefix="jobworker-directory-")
+    os.chmod(directory, 0o755)
+    yield directory
+    shutil.rmtree(directory)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The API and its stubs
 # ---------------------------------------------------------------------------------------------------------------------
@@ -566,6 +575,85 @@ def test_job_environment_is_clean_and_stdin_empty(admin):
     assert "JOBWORKER_SECRET" not in env, "the server's environment leaked into the job"
     assert env["PATH"] and env["LANG"] and "HOME" in env
     assert ran.out.endswith(b"end\n") and ran.status.exit_code == 0
+
+
+JOB_SEES = py("import json, os\nprint(json.dumps({'cwd': os.getcwd(), 'env': dict(os.environ)}))")  # as JSON
+
+
+def test_a_job_gets_the_variables_and_working_directory_it_is_given(server, admin, job_directory):
+    secret = f"secret-{marker()}"
+    env = {"GREETING": "hello world", "EMPTY": "", "ODD": "Zoë 😀\nb=c", "HOME": "/nowhere", "TOKEN": secret}
+    size = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items())
+    env["BIG"] = "x" * (jobworker.MAX_VARIABLES_BYTES - size - len("BIG=\0"))  # with the others: all it may take
+    job_id = admin.start(JOB_SEES, env=env, working_directory=job_directory)
+    ran = read_stream(admin.stub, job_id)
+    seen = json.loads(ran.out)
+    assert seen["cwd"] == job_directory
+    base = {"PATH": jobworker.JOB_PATH, "USER": "nobody" if ROOT else pwd.getpwuid(os.geteuid()).pw_name,
+            "SHELL": "/bin/sh", "LANG": "C.UTF-8"}
+    assert seen["env"] == {**seen["env"], **base, **env}, "a variable given, or of the base, is missing or different"
+    assert "JOBWORKER_SECRET" not in seen["env"]
+    assert dict(ran.status.env) == env and ran.status.working_directory == job_directory
+    plain = run_job(admin, JOB_SEES)
+    assert json.loads(plain.out)["cwd"] == "/" and plain.status.working_directory == "/" and not plain.status.env
+    with open(os.path.join(server.data_dir, "audit.log")) as f:
+        audit = f.read()
+    entry = next(e for e in map(json.loads, audit.splitlines()) if e["action"] == "start" and e["job_id"] == job_id)
+    assert entry["env"] == sorted(env) and entry["working_directory"] == job_directory
+    assert secret not in audit and secret not in server.read_log(), "a variable's value reached the audit"
+
+
+def test_a_path_of_the_clients_is_where_the_command_is_looked_for(admin, job_directory):
+    program = os.path.join(job_directory, "only-here")
+    with open(program, "w") as f:
+        f.write('#!/bin/sh\necho "found, with PATH=$PATH"\n')
+    os.chmod(program, 0o755)
+    assert status_of(lambda: admin.start(["only-here"])).code == Code.INVALID_ARGUMENT
+    ran = run_job(admin, ["only-here"], env={"PATH": job_directory})
+    assert ran.out == f"found, with PATH={job_directory}\n".encode() and ran.status.exit_code == 0
+
+
+def test_variables_and_working_directories_a_job_cannot_have_are_refused_naming_them(admin, job_directory):
+    closed, a_file = os.path.join(job_directory, "closed"), os.path.join(job_directory, "a-file")
+    os.mkdir(closed, 0)  # the job's user cannot enter it (nobody, or a server's own user without root's rights)
+    open(a_file, "w").close()
+    over = jobworker.MAX_VARIABLES_BYTES
+    variables = {  # the variables -> what the refusal must name
+        "empty name": ({"": "x"}, "''"), "a name with =": ({"A=B": "x"}, "'A=B'"),
+        "a name with NUL": ({"A\0B": "x"}, "'A\\x00B'"), "a value with NUL": ({"NUL": "a\0b"}, "NUL"),
+        "one too large": ({"BIG": "x" * over}, str(over)),
+        "too many": ({f"V{i}": "x" * 100 for i in range(over // 100)}, str(over)),
+    }
+    directories = {  # the working directory -> what the refusal must say
+        "relative": ("tmp", "absolute"), "dot": ("./", "absolute"), "NUL": ("/tmp\0x", "absolute"),
+        "missing": ("/no/such/directory", "No such file"), "a file": (a_file, "Not a directory"),
+        "closed to the job's user": (closed, "Permission denied"),
+    }
+    before = len(admin.list())
+    cases = [(name, lambda e=env: admin.start(["true"], env=e), named) for name, (env, named) in variables.items()]
+    cases += [(name, lambda d=path: admin.start(["true"], working_directory=d), [path[:4], said])
+              for name, (path, said) in directories.items()]
+    for name, start, named in cases:
+        with pytest.raises(grpc.RpcError) as caught:
+            start()
+        assert caught.value.code() == Code.INVALID_ARGUMENT, name
+        for expected in [named] if isinstance(named, str) else named:
+            assert expected in caught.value.details(), (name, caught.value.details())
+    assert len(admin.list()) == before, "a refused Start left a job"
+
+
+def test_wait_returns_the_final_status_once_the_job_has_ended(admin, gate):
+    job_id = admin.start(py(gate.hold() + "raise SystemExit(6)"))
+    wait_for_output(admin.stub, job_id, b"ready\n")
+    waiting = admin.stub.Wait.future(pb.WaitRequest(job_id=job_id), timeout=120)
+    # While the job runs, a Wait does not return: its deadline passes (and the first Wait has reached the server).
+    assert status_of(lambda: admin.stub.Wait(pb.WaitRequest(job_id=job_id), timeout=1)).code == Code.DEADLINE_EXCEEDED
+    assert not waiting.done()
+    gate.open()
+    ended = waiting.result()
+    assert ended.state == pb.EXITED and ended.exit_code == 6 and ended.job_id == job_id
+    assert ended == admin.query(job_id) == admin.wait(job_id), "an ended job's Wait returns its final status at once"
+    assert status_of(lambda: admin.wait(str(uuid.uuid4()))).code == Code.NOT_FOUND
 
 
 def test_concurrent_streamers_of_a_live_job_get_identical_complete_output(admin, gate):
@@ -677,8 +765,9 @@ def test_audit_log_records_every_start_and_stop(server, admin):
 def test_role_matrix(server):
     clients = {role: server.client(role) for role in ("admin", "user", "user2", "observer")}
     DENIED, HIDDEN = Code.PERMISSION_DENIED, Code.NOT_FOUND
-    everything, nothing = {"Query": OK, "Stream": OK, "Stop": OK}, {"Query": HIDDEN, "Stream": HIDDEN, "Stop": HIDDEN}
-    watch_only = {"Query": OK, "Stream": OK, "Stop": DENIED}
+    everything = {"Query": OK, "Stream": OK, "Stop": OK, "Wait": OK}
+    nothing = dict.fromkeys(everything, HIDDEN)
+    watch_only = {"Query": OK, "Stream": OK, "Stop": DENIED, "Wait": OK}
     expected = {  # (caller, owner of the job) -> outcome of each call on that job
         ("admin", "admin"): everything, ("admin", "user"): everything,
         ("user", "user"): everything, ("user", "admin"): nothing, ("user2", "user"): nothing,
@@ -687,9 +776,11 @@ def test_role_matrix(server):
     for (caller, owner), outcomes in expected.items():
         for method, outcome in outcomes.items():
             job_id = clients[owner].start(["sh", "-c", "echo hi; sleep 600"])  # a fresh job: a Stop ends it
+            if method == "Wait":
+                clients["admin"].stop(job_id, force=True)  # so that a Wait returns at once
             client = clients[caller]
             call = {"Query": lambda: client.query(job_id), "Stream": lambda: next(iter(client.stream(job_id))),
-                    "Stop": lambda: client.stop(job_id, force=True)}[method]
+                    "Stop": lambda: client.stop(job_id, force=True), "Wait": lambda: client.wait(job_id)}[method]
             assert status_of(call).code == outcome, (caller, owner, method)
             clients["admin"].stop(job_id, force=True)
     assert status_of(lambda: clients["admin"].start(["true"])).code == OK
@@ -808,6 +899,182 @@ def test_cli_session(server):
     assert forced.returncode == 0 and b"STOPPED" in forced.stdout
 
 
+def job_with(client, label):
+    """The status of the job whose command line holds `label`."""
+    (status,) = [status for status in client.list() if label in " ".join(status.command)]
+    return status
+
+
+def stops_of(server, job_id):
+    """Whether each Stop of a job was forced, graceful ones first (the audit log has them as they returned)."""
+    with open(os.path.join(server.data_dir, "audit.log")) as f:
+        entries = [json.loads(line) for line in f]
+    return sorted(entry["force"] for entry in entries if entry["action"] == "stop" and entry["job_id"] == job_id)
+
+
+def test_cli_run_writes_the_output_and_exits_with_the_jobs_status(server, admin):
+    ran = server.cli("run", "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 5")
+    assert (ran.stdout, ran.stderr, ran.returncode) == (b"to-out\n", b"to-err\n", 5)
+    assert server.cli("run", "true").returncode == 0
+    killed = server.cli("run", "--", "sh", "-c", "kill -KILL $$")
+    assert (killed.stdout, killed.stderr, killed.returncode) == (b"", b"", 128 + signal.SIGKILL)
+    detached = server.cli("run", "--detach", "--", "sh", "-c", "exit 4")
+    job_id = detached.stdout.decode().strip()
+    assert detached.returncode == 0 and detached.stdout == f"{job_id}\n".encode()
+    assert admin.wait(job_id).exit_code == 4
+    refused = server.cli("run", "--", "/no/such/program")
+    assert refused.returncode == 1 and refused.stderr.startswith(b"INVALID_ARGUMENT: ")
+    assert len(refused.stderr.splitlines()) == 1 and not refused.stdout
+    empty = server.cli("run", "--")
+    assert empty.returncode == 2 and empty.stderr.startswith(b"jobworker: run: ") and not empty.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_run_stops_the_job_gracefully_at_a_first_ctrl_c_or_sigterm(server, admin, sig):
+    label = marker()
+    cli = subprocess.Popen(server.cli_argv("run", "--", "sh", "-c", f"trap 'echo got TERM; exit 7' TERM; echo ready; "
+                                                                  f"sleep {label} & wait"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert read_exactly(cli.stdout, 6) == b"ready\n"  # the job runs, and the CLI has its handlers in place
+    cli.send_signal(sig)
+    out, err = cli.communicate(timeout=60)
+    assert (out, err, cli.returncode) == (b"got TERM\n", b"", 7)  # the output came on to the job's end
+    status = job_with(admin, label)
+    assert status.state == pb.STOPPED and status.exit_code == 7
+    assert stops_of(server, status.job_id) == [False]
+
+
+def test_cli_run_kills_the_job_at_a_second_ctrl_c(server, admin):
+    label = marker()
+    code = (f"# {label}\nimport signal\nsignal.signal(signal.SIGTERM, lambda *_: print('got TERM', flush=True))\n"
+            "print('ready', flush=True)\nwhile True:\n    signal.pause()\n")
+    cli = subprocess.Popen(server.cli_argv("run", "--", *py(code)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert read_exactly(cli.stdout, 6) == b"ready\n"
+    cli.send_signal(signal.SIGINT)
+    assert read_exactly(cli.stdout, 9) == b"got TERM\n"  # the graceful Stop has reached the job, which goes on
+    cli.send_signal(signal.SIGINT)
+    out, err = cli.communicate(timeout=60)
+    assert (out, err, cli.returncode) == (b"", b"", 128 + signal.SIGKILL)
+    status = job_with(admin, label)
+    assert status.state == pb.STOPPED and status.signal == signal.SIGKILL
+    assert stops_of(server, status.job_id) == [False, True]
+    assert processes_with(label) == []
+
+
+def test_cli_run_leaves_at_a_third_ctrl_c_when_the_server_does_not_answer(pki, tmp_path):
+    """On a terminal, each Ctrl-C says what it did (and so the test knows when the CLI has had it: signals sent at
+    once would arrive as one)."""
+    server = Server(pki, str(tmp_path))
+    terminal, its_end = os.openpty()
+    cli = subprocess.Popen(server.cli_argv("run", "--", "sh", "-c", f"echo ready; sleep {marker()}"),
+                           stdout=subprocess.PIPE, stderr=its_end)
+    os.close(its_end)
+    try:
+        assert read_exactly(cli.stdout, 6) == b"ready\n"
+        server.proc.send_signal(signal.SIGSTOP)  # a server that has hung
+        try:
+            for said in (b"stopping the job (again to kill it)", b"killing the job (again to leave without waiting)"):
+                cli.send_signal(signal.SIGINT)
+                assert os.read(terminal, 1000) == b"jobworker: " + said + b"\r\n"
+            cli.send_signal(signal.SIGINT)
+            assert cli.wait(60) == 130 and cli.stdout.read() == b""
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+    finally:
+        os.close(terminal)
+        cli.stdout.close()
+
+
+def test_cli_run_stops_the_job_when_its_reader_goes_away(server, admin):
+    label = marker()
+    cli = subprocess.Popen(server.cli_argv("run", "--", "yes", label), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert read_exactly(cli.stdout, len(label) + 1) == f"{label}\n".encode()
+    cli.stdout.close()  # as `head -1` would
+    err = cli.stderr.read()
+    assert cli.wait(60) == 141 and err == b""
+    status = job_with(admin, label)
+    assert status.state == pb.STOPPED and status.signal == signal.SIGTERM
+    assert stops_of(server, status.job_id) == [False]
+
+
+def test_cli_start_and_run_give_the_job_variables_and_a_working_directory(server, job_directory):
+    here = dict(os.environ, FROM_HERE="passed on")
+    ran = subprocess.run(server.cli_argv("run", "-e", "A=1", "--env", "B=x=y", "-e", "A=2", "-e", "FROM_HERE",
+                                         "--workdir", job_directory, "--", "sh", "-c", 'echo "$A $B $FROM_HERE"; pwd'),
+                         env=here, capture_output=True, timeout=60)
+    assert (ran.stdout, ran.stderr, ran.returncode) == (f"2 x=y passed on\n{job_directory}\n".encode(), b"", 0)
+    started = server.cli("start", "-e", "A=1", "--workdir", job_directory, "--", "true")
+    status = json.loads(server.cli("wait", "--json", started.stdout.decode().strip()).stdout)
+    assert status["env"] == {"A": "1"} and status["working_directory"] == job_directory
+    cases = [
+        (("start", "-e", f"UNSET_{marker()}", "--", "true"), 2, "jobworker: start: "),
+        (("run", "-e", "=x", "--", "true"), 1, "INVALID_ARGUMENT: not a variable name: ''"),
+        (("run", "--workdir", "/no/such/directory", "--", "true"), 1,
+         "INVALID_ARGUMENT: cannot enter the working directory '/no/such/directory': No such file or directory"),
+        (("start", "--workdir", "relative", "--", "true"), 1, "INVALID_ARGUMENT: the working directory must be "),
+    ]
+    for argv, code, said in cases:
+        result = server.cli(*argv)
+        assert result.returncode == code and not result.stdout, (argv, result)
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.decode().startswith(said), (argv, result)
+
+
+def test_cli_wait_exits_with_the_status_of_a_job_once_it_has_ended(server, admin, gate):
+    job_id = admin.start(py(gate.hold() + "raise SystemExit(9)"))
+    wait_for_output(admin.stub, job_id, b"ready\n")
+    connections = connections_to(server)
+    waiting = subprocess.Popen(server.cli_argv("wait", job_id), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert wait_until(lambda: connections_to(server) > connections), "the CLI never connected"
+    assert waiting.poll() is None, "wait returned while the job ran"
+    gate.open()
+    out, err = waiting.communicate(timeout=60)
+    assert (out, err, waiting.returncode) == (b"", b"", 9)
+    ended = server.cli("wait", "--json", job_id)
+    assert ended.returncode == 9 and not ended.stderr
+    assert json.loads(ended.stdout)["state"] == "EXITED" and json.loads(ended.stdout)["exit_code"] == 9
+    killed = admin.start(["sleep", "600"])
+    admin.stop(killed, force=True)
+    assert server.cli("wait", killed).returncode == 128 + signal.SIGKILL
+    unknown = server.cli("wait", str(uuid.uuid4()))
+    assert unknown.returncode == 1 and unknown.stderr.startswith(b"NOT_FOUND: ") and not unknown.stdout
+
+
+def test_cli_stream_tail_and_no_follow_of_an_ended_job(server, admin):
+    job_id = admin.start(["sh", "-c", "printf 0123456789; exit 3"])
+    admin.wait(job_id)
+    cases = {("--tail", "4"): b"6789", ("--tail", "1K"): b"0123456789", ("--tail", "0"): b"",
+             ("--no-follow",): b"0123456789", ("--tail", "2", "--no-follow"): b"89",
+             ("--offset", "9", "--no-follow"): b"9"}
+    for flags, out in cases.items():
+        result = server.cli("stream", *flags, job_id)
+        assert (result.stdout, result.stderr, result.returncode) == (out, b"", 3), flags
+    both = server.cli("stream", "--tail", "1", "--offset", "1", job_id)
+    assert both.returncode == 2 and len(both.stderr.splitlines()) == 1 and not both.stdout
+
+
+def test_cli_stream_tail_and_no_follow_of_a_running_job(server, admin, gate):
+    job_id = admin.start(py("import sys\nsys.stdout.write('0123456789'); sys.stdout.flush()\n" + gate.hold("") +
+                            "print('more')\nraise SystemExit(4)"))
+    wait_for_output(admin.stub, job_id, b"0123456789")
+    cases = {("--no-follow",): b"0123456789", ("--tail", "4", "--no-follow"): b"6789",
+             ("--offset", "10", "--no-follow"): b"", ("--offset", "99", "--no-follow"): b""}
+    for flags, out in cases.items():
+        result = server.cli("stream", *flags, job_id)  # returns, although the job runs on
+        assert (result.stdout, result.stderr, result.returncode) == (out, b"", 0), flags
+    following = subprocess.Popen(server.cli_argv("stream", "--tail", "4", job_id), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+    assert read_exactly(following.stdout, 4) == b"6789"
+    gate.open()
+    rest, err = following.communicate(timeout=60)
+    assert (rest, err, following.returncode) == (b"more\n", b"", 4)
+
+
+def test_cli_and_server_say_their_version(server):
+    said = subprocess.run([sys.executable, JOBWORKER, "--version"], capture_output=True, timeout=60)
+    assert (said.stdout, said.returncode) == (f"jobworker {jobworker.VERSION}\n".encode(), 0)
+    assert f"jobworker {jobworker.VERSION} serving on " in server.read_log()
+
+
 def test_cli_errors_are_one_line_naming_the_status(server):
     cases = [
         (("start", "--", "sleep", "1"), "observer", None, "PERMISSION_DENIED: observers cannot start jobs"),
@@ -835,6 +1102,7 @@ def test_cli_numeric_flags_refuse_what_their_field_cannot_hold(server, tmp_path)
     cases += [("start", "--memory", "99999999999T", "--", "true"), ("start", "--pids", "1.5", "--", "true")]
     cases += [("stop", "--timeout", value, job_id) for value in ("-1", "nan", "inf", "3601", "soon")]
     cases += [("stream", "--offset", value, job_id) for value in ("-1", "99999999999999999999999", "start")]
+    cases += [("stream", "--tail", value, job_id) for value in ("-1", "lots", beyond_uint64)]
     cases += [("serve", "--data-dir", str(tmp_path), *limit) for limit in
               (("--default", "pids=-3"), ("--max", "memory=99999999999T"), ("--default", "cpu=nan"))]
     results = Concurrently([functools.partial(server.cli, *argv) for argv in cases]).results()
@@ -861,6 +1129,69 @@ def test_cli_query_and_list_describe_a_job_ended_by_a_realtime_signal(server, ad
         assert result.returncode == 0 and not result.stderr, (argv, result.stderr)
         assert [line for line in result.stdout.decode().splitlines() if job_id in line], (argv, result.stdout)
     assert server.cli("stream", job_id).returncode == 128 + number
+
+
+def test_sizes_and_durations_read_as_people_write_them():
+    sizes = {0: "0 B", 1023: "1023 B", 1024: "1.0 KiB", 1536: "1.5 KiB", 5 * MiB: "5.0 MiB", 3 << 30: "3.0 GiB",
+             2 ** 64 - 1: "16.0 EiB"}
+    assert {size: jobworker.format_size(size) for size in sizes} == sizes
+    durations = {0.04: "0.0s", 59.94: "59.9s", 60: "1m00s", 192.5: "3m12s", 2 * 3600 + 300: "2h05m",
+                 3 * 86400 + 4 * 3600 + 59: "3d04h"}
+    assert {seconds: jobworker.format_duration(seconds) for seconds in durations} == durations
+
+
+def columns(line, header):
+    """The cells of a line of list's or query's table, each where the header says its column is: a cell begins where
+    its header does (ends, for a right-aligned column) and runs to two spaces; the command runs to the line's end."""
+    cells = []
+    for match in re.finditer(r"\S+(?: \S+)*", header):
+        name, (start, end) = match.group(), match.span()
+        if name == "COMMAND":
+            cells.append(line[start:])
+            continue
+        cell = re.search(r"\S+(?: \S+)*$", line[:end]) if name in jobworker.RIGHT_ALIGNED else \
+            re.match(r"\S+(?: \S+)*", line[start:])
+        assert cell, f"nothing in {name}'s column: {line!r}"
+        cells.append(cell.group())
+    return cells
+
+
+def test_cli_list_and_query_print_aligned_columns_local_times_durations_and_sizes(server, admin, pki, gate):
+    """Times in the local time zone with its offset (here +05:30, from TZ), durations, sizes with units, and columns
+    that stay aligned whatever the length of an owner, a result or a command (one line each, even with a newline)."""
+    owner = "a-rather-long-owner-name-" * 2
+    long_named = server.client(pki.leaf("long-owner", f"/O=jobworker/OU=user/CN={owner}"))
+    ended = long_named.start(["head", "-c", "2048", "/dev/zero"])
+    killed = admin.start(["sh", "-c", f"kill -s {signal.SIGRTMIN + 1} $$"])
+    odd = admin.start(["printf", "%s", "line one\nline two", "\x1b[31m"])  # an escape sequence: red
+    running = admin.start(py(gate.hold()))
+    wait_for_output(admin.stub, running, b"ready\n")
+    statuses = {job_id: admin.wait(job_id) for job_id in (ended, killed, odd)} | {running: admin.query(running)}
+    local = dict(os.environ, TZ="IST-05:30")  # POSIX: the offset west of UTC, hence the minus
+    cli = lambda *argv: subprocess.run(server.cli_argv(*argv), env=local, capture_output=True, timeout=60)
+    listed = cli("list")
+    assert listed.returncode == 0 and not listed.stderr
+    header, *lines = listed.stdout.decode().splitlines()
+    assert columns(header, header) == list(jobworker.COLUMNS)
+    rows = {line.split()[0]: columns(line, header) for line in lines}
+    assert len(rows) == len(lines) == len(admin.list()), "a job's line broke, or is missing"
+    expected = {
+        ended: ["EXITED", "exit 0", owner, "2.0 KiB", "head -c 2048 /dev/zero"],
+        killed: ["EXITED", f"signal {signal.SIGRTMIN + 1} (SIGRTMIN+1)", "ada", "0 B",
+                 f"sh -c 'kill -s {signal.SIGRTMIN + 1} $$'"],
+        odd: ["EXITED", "exit 0", "ada", "22 B", "printf %s 'line one\\nline two' '\\x1b[31m'"],
+        running: ["RUNNING", f"pid {statuses[running].pid}", "ada", "6 B", "python3 -c 'import socket\\ngate = "],
+    }
+    for job_id, (state, result, who, size, command) in expected.items():
+        started = time.gmtime(statuses[job_id].started_at.seconds + 5 * 3600 + 30 * 60)
+        assert rows[job_id][:5] == [job_id, state, result, who, time.strftime("%Y-%m-%d %H:%M:%S +0530", started)]
+        assert re.fullmatch(r"\d+\.\ds|\d+m\d\ds", rows[job_id][5]), rows[job_id]
+        assert rows[job_id][6] == size and rows[job_id][7].startswith(command), rows[job_id]  # the gate's: its start
+    queried = cli("query", ended)
+    assert queried.returncode == 0 and not queried.stderr
+    query_header, row = queried.stdout.decode().splitlines()
+    assert columns(row, query_header) == rows[ended]
+    gate.open()
 
 
 def test_cli_connection_flags_come_from_the_environment(server):
@@ -1418,15 +1749,15 @@ def test_isolation_off_every_job_has_an_init_of_its_own_and_its_users_rights_onl
 def test_isolation_off_a_job_that_kills_or_stops_its_init_still_ends_and_leaves_nothing(plain_server, gate):
     """Jobs and their inits share a user: a job can kill its init, or stop it."""
     admin = plain_server.client()
-    # Killed: the job ends as killed, and what it left running ends too (it holds the job's stdout: the job would not
-    # end otherwise).
+    # Killed: the job ends as killed once its init has gone, and what it left running comes to the launcher (a child
+    # subreaper), which kills it.
     label = marker()
     job_id = admin.start(py(gate.hold("") + "import os, subprocess\n"
                             f"subprocess.Popen(['setsid', 'sleep', '{label}'])\nos.kill(os.getppid(), 9)\n"))
     gate.open()  # once its Start has returned
     status = read_stream(admin.stub, job_id).status
     assert status.state == pb.EXITED and status.signal == signal.SIGKILL
-    assert processes_with(label) == []
+    assert wait_until(lambda: processes_with(label) == []), "what the job left running outlived it"
     # Stopped: a Stop still ends the job, by killing the init when it does not act.
     job_id = admin.start(py(gate.hold("") + "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\n"
                             "print('stopped', flush=True)\n" f"os.execvp('sleep', ['sleep', '{label}'])\n"))
@@ -1825,6 +2156,25 @@ def vanish_at_the_transport(server, how, context):
         sock.close()
 
 
+def open_every_stream_slot(server, job_id):
+    """Opens streams of `job_id` (which must have output) until the server refuses one: the caller has every stream
+    it may have; closes them and returns how many were open."""
+    channel, stub = open_channel(server)
+    calls = []
+    try:
+        while len(calls) < RPC_POOL:
+            calls.append(stub.Stream(pb.StreamRequest(job_id=job_id), timeout=120))
+            code = status_of(lambda: next(calls[-1])).code
+            if code != OK:
+                assert code == Code.RESOURCE_EXHAUSTED, code
+                return len(calls) - 1
+        raise AssertionError(f"{len(calls)} streams of one caller, and the server took them all")
+    finally:
+        for call in calls:
+            call.cancel()
+        channel.close()
+
+
 def test_reliability_hundreds_of_vanishing_clients_leave_nothing_behind(pki, tmp_path, gate, reliability_figures):
     server, idle = idle_server(pki, str(tmp_path))
     pid, context = server.proc.pid, tls_context(pki)
@@ -1835,24 +2185,7 @@ def test_reliability_hundreds_of_vanishing_clients_leave_nothing_behind(pki, tmp
     wait_for_output(admin, job_id, b"x", offset=99999)
     assert wait_until(lambda: inits_ready(server, running=1)), "the server did not make its inits again"
     base = figures_of(pid)  # idle, with the job and the admin's connection open
-
-    def fill_every_stream_slot():
-        """Opens streams until the server refuses one (the caller has every stream it may have), closes them;
-        returns how many were open."""
-        channel, stub = open_channel(server)
-        calls = []
-        try:
-            while len(calls) < RPC_POOL:
-                calls.append(stub.Stream(pb.StreamRequest(job_id=job_id), timeout=120))
-                code = status_of(lambda: next(calls[-1])).code
-                if code != OK:
-                    assert code == Code.RESOURCE_EXHAUSTED, code
-                    return len(calls) - 1
-            raise AssertionError(f"{len(calls)} streams of one caller, and the server took them all")
-        finally:
-            for call in calls:
-                call.cancel()
-            channel.close()
+    fill_every_stream_slot = functools.partial(open_every_stream_slot, server, job_id)
 
     with PeakWatch(pid) as watch:
         slots = fill_every_stream_slot()
@@ -1926,6 +2259,43 @@ def test_reliability_hundreds_of_vanishing_clients_leave_nothing_behind(pki, tmp
     assert_settled("vanishing clients", idle, after, watch.peak, BURST_MEMORY_SLACK)
     assert not job_groups_left(pid, [job_id, *stubborn])
     assert "Traceback" not in server.read_log()
+
+
+def test_reliability_waits_hold_a_slot_each_and_give_it_back_however_their_client_ends_them(pki, tmp_path, gate):
+    """A Wait holds a thread for as long as its job runs: it takes one of its caller's slots, as a stream does, so that
+    Waits cannot take the threads other calls need; and it gives it back when its deadline passes, its client cancels
+    it, closes its channel or goes away."""
+    server = Server(pki, str(tmp_path))
+    admin_channel, admin = open_channel(server)
+    job_id = admin.Start(pb.StartRequest(command=py(gate.hold())), timeout=60).job_id
+    wait_for_output(admin, job_id, b"ready\n")
+    request, slots, extra = pb.WaitRequest(job_id=job_id), open_every_stream_slot(server, job_id), 8
+    assert slots == (jobworker.Server.WORKERS - jobworker.Server.RESERVED) // 2
+    late = [admin.Wait.future(request, timeout=2) for _ in range(extra)]
+    assert {status_of(wait.result).code for wait in late} == {Code.DEADLINE_EXCEEDED}
+    proxy = CuttableProxy(server.addr)
+    ends = {"cancel": open_channel(server), "close": open_channel(server), "cut": open_channel(server, addr=proxy.addr)}
+    waits = [(end, ends[end][1].Wait.future(request, timeout=300)) for end in list(ends) * ((slots + extra) // 3)]
+    refusals = len(waits) - slots  # every slot is free: those whose deadline passed gave theirs back
+    assert wait_until(lambda: sum(wait.done() for _, wait in waits) >= refusals), "the server took every Wait"
+    refused = [wait for _, wait in waits if wait.done()]
+    assert len(refused) == refusals and {status_of(wait.result).code for wait in refused} == {Code.RESOURCE_EXHAUSTED}
+    held = [(end, wait) for end, wait in waits if wait not in refused]
+    for end, wait in held:
+        if end == "cancel":
+            wait.cancel()
+    ends["close"][0].close()
+    proxy.cut()  # as if the client's machine went away
+    for end, wait in held:
+        assert wait.cancelled() if end == "cancel" else status_of(wait.result).code != OK, end  # the job still runs
+    for channel, _ in ends.values():
+        channel.close()
+    proxy.close()
+    assert wait_until(lambda: connections_to(server) == 1), "the server kept a closed connection"
+    assert wait_until(lambda: open_every_stream_slot(server, job_id) == slots), "a Wait kept its slot"
+    gate.open()
+    assert admin.Wait(request, timeout=60).exit_code == 0
+    admin_channel.close()
 
 
 # -- faults in jobs ----------------------------------------------------------------------------------------------------
@@ -2105,6 +2475,7 @@ def test_reliability_server_signal_with_jobs_running_and_streams_open_exits_clea
     readers = Concurrently([functools.partial(read, *stream) for stream in streams], (attached,))
     readers.meet(attached)  # every stream has had its first message
     stopping = stub.Stop.future(pb.StopRequest(job_id=ids["stubborn"], timeout_seconds=600), timeout=120)
+    waiting = stub.Wait.future(pb.WaitRequest(job_id=ids["held"]), timeout=120)
     started = children_of(pid)  # the launcher and the inits it made
     assert started
     server.proc.send_signal(sig)
@@ -2116,6 +2487,9 @@ def test_reliability_server_signal_with_jobs_running_and_streams_open_exits_clea
     log = server.read_log()
     assert f"{signal.Signals(sig).name}: stopping every job" in log and "Traceback" not in log, log[-2000:]
     assert status_of(lambda: stopping.result(60)).code in (OK, Code.UNAVAILABLE, Code.CANCELLED)
+    waited = status_of(lambda: waiting.result(60))
+    assert waited.code in (OK, Code.UNAVAILABLE, Code.CANCELLED) and (not waited.response or
+                                                                       waited.response.state == pb.STOPPED), waited
     for (name, offset), (code, ran) in zip(streams, readers.results()):
         assert code in (OK, Code.UNAVAILABLE, Code.CANCELLED), (name, offset, code)
         if code == OK:
@@ -2202,9 +2576,9 @@ def test_reliability_a_server_with_bad_configuration_exits_at_once_with_a_clear_
 # -- hostile input -----------------------------------------------------------------------------------------------------
 
 SAFE_PROGRAMS = {"true", "echo"}  # what generated commands may run (names that would run anything else are left out)
-METHODS = ("Start", "Stop", "Query", "Stream", "List")
+METHODS = ("Start", "Stop", "Query", "Stream", "List", "Wait")
 REQUEST_TYPES = {"Start": pb.StartRequest, "Stop": pb.StopRequest, "Query": pb.QueryRequest,
-                 "Stream": pb.StreamRequest, "List": pb.ListRequest}
+                 "Stream": pb.StreamRequest, "List": pb.ListRequest, "Wait": pb.WaitRequest}
 INVALID, NOT_FOUND, RESOURCE_EXHAUSTED = Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED
 HOSTILE = settings(deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -2370,6 +2744,53 @@ def test_reliability_hostile_start_requests(hostile, command, limits):
     hostile.still_serves()
 
 
+# Variables and working directories: PATH is left out (a PATH of the client's could find programs other than the
+# harmless ones), and each directory maps to where the job starts in it (None: it cannot start there).
+NAMES = st.one_of(st.sampled_from(["", "=", "A=B", "A\0", "\0", "HOME", "LANG", "USER", "X", "é", "a b", "\n"]), TEXT,
+                  st.text(st.characters(codec="utf-8", exclude_characters="\0="), min_size=1, max_size=30)
+                  ).filter(lambda name: name != "PATH")
+VALUES = st.one_of(TEXT, ODD_TEXT, st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=30),
+                   st.integers(0, 80 * 1024).map(lambda n: "v" * n))
+WORKING_DIRECTORIES = {"": "/", "/": "/", "/tmp": "/tmp", "/proc": "/proc", "/tmp/": "/tmp", "relative": None,
+                       ".": None, "/no/such": None, "/etc/passwd": None, "/root": None, "/tmp\0x": None, "é": None,
+                       "/" + "x" * 300: None, "/" + "x" * 5000: None}
+
+
+def variables_outcome(request):
+    """What a Start of a harmless command with these variables and this working directory must get."""
+    if request.ByteSize() > jobworker.MAX_REQUEST_BYTES:
+        return RESOURCE_EXHAUSTED
+    env = dict(request.env)
+    size = sum(len(name.encode()) + len(value.encode()) + 2 for name, value in env.items())
+    if any(not name or "=" in name or "\0" in name for name in env) or any("\0" in v for v in env.values()) or \
+            size > jobworker.MAX_VARIABLES_BYTES:
+        return INVALID
+    return OK if WORKING_DIRECTORIES[request.working_directory] else INVALID
+
+
+@settings(HOSTILE, max_examples=60)
+@given(env=st.dictionaries(NAMES, VALUES, max_size=5), directory=st.sampled_from(list(WORKING_DIRECTORIES)))
+@example(env={"BIG": "x" * (4 * MiB)}, directory="")                                # over the request limit
+@example(env={"V": "x" * (jobworker.MAX_VARIABLES_BYTES - 4)}, directory="/tmp")   # all the room there is
+@example(env={"V": "x" * (jobworker.MAX_VARIABLES_BYTES - 3)}, directory="/tmp")   # a byte more
+def test_reliability_hostile_variables_and_working_directories(hostile, env, directory):
+    """Any variables and working directory: refused as the README says, or the job's own, byte-exact (its shell's
+    environment, as the kernel gave it, and its working directory)."""
+    request = pb.StartRequest(command=["sh", "-c", "readlink /proc/$$/cwd; cat /proc/$$/environ"], env=env,
+                              working_directory=directory)
+    expected = variables_outcome(request)
+    code, response = status_of(lambda: hostile.stub.Start(request, timeout=60))
+    assert code == expected, (code, expected, {k[:20]: v[:20] for k, v in env.items()}, directory[:40])
+    if code == OK:
+        ran = read_stream(hostile.stub, response.job_id)
+        cwd, _, environ = ran.out.partition(b"\n")
+        seen = dict(entry.split(b"=", 1) for entry in environ.split(b"\0") if entry)
+        assert cwd.decode() == WORKING_DIRECTORIES[directory] and ran.status.exit_code == 0, ran
+        assert {name.encode(): value.encode() for name, value in env.items()}.items() <= seen.items()
+        assert dict(ran.status.env) == env and ran.status.working_directory == (directory or "/")
+    hostile.still_serves()
+
+
 @settings(HOSTILE, max_examples=40)
 @given(job_id=JOB_IDS, force=st.booleans(), timeout=TIMEOUTS)
 @example(job_id="@running", force=False, timeout=3600.0)
@@ -2517,12 +2938,12 @@ def subject_types(cert):
 
 
 def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc(server, pki):
-    """Every kind of caller against all five RPCs: the role is the one OU of the subject that names a role, read from
+    """Every kind of caller against all six RPCs: the role is the one OU of the subject that names a role, read from
     the DER (a value that merely looks like an OU is not one), the identity its one CN; anything else is refused,
     from the TLS handshake (no certificate, another CA, expired, plaintext) to TLS 1.2."""
     DENIED, UNAUTHENTICATED, HANDSHAKE = Code.PERMISSION_DENIED, Code.UNAUTHENTICATED, Code.UNAVAILABLE
     everything = dict.fromkeys(METHODS, OK)
-    observes = {"Start": DENIED, "Stop": DENIED, "Query": OK, "Stream": OK, "List": OK}
+    observes = {"Start": DENIED, "Stop": DENIED, "Query": OK, "Stream": OK, "List": OK, "Wait": OK}
     every = lambda code: dict.fromkeys(METHODS, code)
     now = time.time()
     other = PKI(os.path.join(pki.dir, "matrix-other"))
@@ -2584,6 +3005,8 @@ def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc
     ]
     admin = server.client("admin")
     target = admin.start(["sh", "-c", "echo running; exec sleep 600"])  # another's job, for those that may not start
+    ended = admin.start(["true"])  # and another's that has ended, for their Wait
+    admin.wait(ended)
     mismatches = []
     for who, connect, expected, identity in rows:
         channel, cleanup = connect()
@@ -2604,6 +3027,8 @@ def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc
             got["Stream"] = status_of(lambda: first_message(job_id)).code
             got["List"] = status_of(lambda: stub.List(pb.ListRequest(), timeout=10)).code
             got["Stop"] = status_of(lambda: stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=10)).code
+            waited = started.job_id if started else ended  # ended by now: the Wait returns at once
+            got["Wait"] = status_of(lambda: stub.Wait(pb.WaitRequest(job_id=waited), timeout=10)).code
         finally:
             channel.close()
             if cleanup:

@@ -59,6 +59,11 @@ class JobWorkerStub:
                 request_serializer=gen_dot_jobworker__pb2.ListRequest.SerializeToString,
                 response_deserializer=gen_dot_jobworker__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.Wait = channel.unary_unary(
+                '/jobworker.v1.JobWorker/Wait',
+                request_serializer=gen_dot_jobworker__pb2.WaitRequest.SerializeToString,
+                response_deserializer=gen_dot_jobworker__pb2.JobStatus.FromString,
+                _registered_method=True)
 
 
 class JobWorkerServicer:
@@ -100,6 +105,13 @@ class JobWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Wait(self, request, context):
+        """Returns the job's final status once it has ended (at once if it has).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +139,11 @@ def add_JobWorkerServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=gen_dot_jobworker__pb2.ListRequest.FromString,
                     response_serializer=gen_dot_jobworker__pb2.ListResponse.SerializeToString,
+            ),
+            'Wait': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wait,
+                    request_deserializer=gen_dot_jobworker__pb2.WaitRequest.FromString,
+                    response_serializer=gen_dot_jobworker__pb2.JobStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +281,33 @@ class JobWorker:
             '/jobworker.v1.JobWorker/List',
             gen_dot_jobworker__pb2.ListRequest.SerializeToString,
             gen_dot_jobworker__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wait(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobworker.v1.JobWorker/Wait',
+            gen_dot_jobworker__pb2.WaitRequest.SerializeToString,
+            gen_dot_jobworker__pb2.JobStatus.FromString,
             options,
             channel_credentials,
             insecure,
