@@ -37,10 +37,12 @@ class _ImportedOnFirstUse:
     """A module imported the first time one of its names is used."""
 
     def __init__(self, name):
-        self._name = name
+        self._name, self._module = name, None
 
     def __getattr__(self, attr):
-        return getattr(importlib.import_module(self._name), attr)
+        if self._module is None:  # kept: importlib's own look-up costs microseconds at every use
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
 
 
 # Every job's init is forked from the launcher, a bare interpreter that loads this file and uses only the modules
