@@ -135,12 +135,13 @@ def tls_context(pki, who="admin", version=None):
 
 
 class Server:
-    """`python jobworker.py serve` on a free loopback port, in its own process."""
+    """`python jobworker.py serve` on a free loopback port, in its own process; its data in DIRECTORY/data unless
+    `data_dir` says (that of an earlier server, say)."""
 
-    def __init__(self, pki, directory, *options, prefix=()):
+    def __init__(self, pki, directory, *options, prefix=(), data_dir=None):
         self.pki = pki
         os.makedirs(directory, exist_ok=True)
-        self.data_dir = os.path.join(directory, "data")
+        self.data_dir = data_dir or os.path.join(directory, "data")
         self.log_path = os.path.join(directory, "server.log")
         self.log = open(self.log_path, "wb")
         cert, key = pki.server
@@ -667,6 +668,314 @@ def test_audit_log_records_every_start_and_stop(server, admin):
     assert stop["result"] == "OK" and stop["force"] is True
     denied = [e for e in entries if e["who"] == "olivia" and e["action"] == "start"]
     assert denied and denied[-1]["result"] == "PERMISSION_DENIED"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# History: each job's record, a restart, retention, Remove, the output cap, a full disk, List's pages
+# ---------------------------------------------------------------------------------------------------------------------
+
+def job_dir(server, job_id):
+    return os.path.join(server.data_dir, "jobs", job_id)
+
+
+def read_record(server, job_id):
+    with open(os.path.join(job_dir(server, job_id), "record.json")) as f:
+        return json.load(f)
+
+
+def write_record(server, job_id, record):
+    with open(os.path.join(job_dir(server, job_id), "record.json"), "w") as f:
+        json.dump(record, f)
+
+
+def tagged_output(stub, job_id):
+    """Every byte of a job's output with its source, in arrival order."""
+    return [(m.source, byte) for m in stub.Stream(pb.StreamRequest(job_id=job_id), timeout=60) for byte in m.data]
+
+
+def assert_streams_from_every_offset(stub, job_id, tagged, status):
+    for offset in range(len(tagged) + 1):
+        ran = read_stream(stub, job_id, offset)
+        assert ran.out == bytes(b for source, b in tagged[offset:] if source == pb.StreamResponse.STDOUT), offset
+        assert ran.err == bytes(b for source, b in tagged[offset:] if source == pb.StreamResponse.STDERR), offset
+        assert ran.status == status
+    assert status_of(lambda: read_stream(stub, job_id, len(tagged) + 1)).code == Code.OUT_OF_RANGE
+
+
+def audit_entries(server):
+    with open(os.path.join(server.data_dir, "audit.log")) as f:
+        return [json.loads(line) for line in f]
+
+
+BINARY_JOB = py("import sys\ndata = bytes(range(256)) * 64\nsys.stdout.buffer.write(data); sys.stdout.flush()\n"
+                "sys.stderr.buffer.write(data[::-1])\nraise SystemExit(3)")
+
+
+def test_restart_after_sigterm_keeps_every_job_and_the_running_one_says_it_was_stopped(pki, tmp_path):
+    first = Server(pki, str(tmp_path / "first"))
+    admin = first.client()
+    small = admin.start(["sh", "-c", "printf abc; printf DEF >&2; printf ghi; exit 3"])
+    binary = admin.start(BINARY_JOB)
+    before = {job_id: read_stream(admin.stub, job_id) for job_id in (small, binary)}
+    tagged = tagged_output(admin.stub, small)
+    running = admin.start(["sh", "-c", "echo ready; exec sleep 600"])
+    wait_for_output(admin.stub, running, b"ready\n")
+    audited = audit_entries(first)
+    assert first.stop() == 0
+
+    second = Server(pki, str(tmp_path / "second"), data_dir=first.data_dir)
+    admin = second.client()
+    for job_id, ran in before.items():
+        assert admin.query(job_id) == ran.status
+        assert read_stream(admin.stub, job_id)[:2] == ran[:2]  # stdout and stderr, byte-exact and apart
+    assert_streams_from_every_offset(admin.stub, small, tagged, before[small].status)
+    stopped = read_stream(admin.stub, running)
+    assert stopped.out == b"ready\n" and stopped.status.state == pb.STOPPED
+    assert stopped.status.signal == signal.SIGTERM and stopped.status.ended_at.seconds > 0
+    assert [status.job_id for status in admin.list()] == [running, binary, small]
+    admin.stop(running)  # an ended job: audited by the second server, after the first's entries
+    entries = audit_entries(second)
+    assert entries[:len(audited)] == audited and [e["job_id"] for e in audited if e["action"] == "start"] == \
+        [small, binary, running]
+    assert entries[-1]["action"] == "stop" and entries[-1]["job_id"] == running
+
+
+def test_restart_after_sigkill_finds_the_running_job_lost_with_its_output(pki, tmp_path, gate):
+    first = Server(pki, str(tmp_path / "first"))
+    admin = first.client()
+    ended = read_stream(admin.stub, admin.start(BINARY_JOB))
+    label = marker()
+    running = admin.start(py(f"# {label}\nimport sys\nsys.stdout.write('to out\\n'); sys.stdout.flush()\n"
+                             f"sys.stderr.write('to err\\n'); sys.stderr.flush()\n" + gate.hold(before="")))
+    wait_until(lambda: admin.query(running).output_bytes == 14)
+    pidfds = [os.pidfd_open(pid) for pid in processes_with(label)]
+    assert pidfds
+    jobs_dir = os.path.join(first.data_dir, "jobs")
+    unused = {name for name in os.listdir(jobs_dir) if not os.path.exists(os.path.join(jobs_dir, name, "record.json"))}
+    assert unused, "the first server had no ready init: the test proves nothing about their directories"
+    first.stop(signal.SIGKILL)
+    for pidfd in pidfds:
+        assert select.select([pidfd], [], [], 30)[0], "a job outlived its server"
+        os.close(pidfd)
+
+    second = Server(pki, str(tmp_path / "second"), data_dir=first.data_dir)
+    admin = second.client()
+    lost = read_stream(admin.stub, running)
+    assert (lost.out, lost.err) == (b"to out\n", b"to err\n")
+    status = lost.status
+    assert status.state == pb.LOST and not status.HasField("exit_code") and status.output_bytes == 14
+    assert status.ended_at.ToNanoseconds() >= status.started_at.ToNanoseconds() > 0
+    assert admin.query(ended.status.job_id) == ended.status
+    assert read_stream(admin.stub, ended.status.job_id)[:2] == ended[:2]
+    assert not [s for s in admin.list() if s.state == pb.RUNNING], "a job of the killed server is said to run"
+    assert not unused & set(os.listdir(jobs_dir)), "the killed server's unused inits' directories were kept"
+    assert [e["job_id"] for e in audit_entries(second) if e["action"] == "start"] == [ended.status.job_id, running]
+    assert second.stop() == 0
+
+    third = Server(pki, str(tmp_path / "third"), data_dir=first.data_dir)  # the second wrote it down as LOST
+    assert third.client().query(running) == status
+
+
+def test_a_record_that_cannot_be_read_is_logged_and_skipped(pki, tmp_path):
+    first = Server(pki, str(tmp_path / "first"))
+    admin = first.client()
+    ids = [run_job(admin, ["echo", str(i)]).status.job_id for i in range(5)]
+    assert first.stop() == 0
+    with open(os.path.join(job_dir(first, ids[0]), "record.json"), "wb") as f:
+        f.write(b'{"version": 1, "job_id": ')  # cut short
+    write_record(first, ids[1], dict(read_record(first, ids[1]), version=99))
+    write_record(first, ids[2], dict(read_record(first, ids[2]), job_id=ids[3]))
+    write_record(first, ids[3], dict(read_record(first, ids[3]), state="HAPPY"))
+
+    second = Server(pki, str(tmp_path / "second"), data_dir=first.data_dir)
+    admin = second.client()
+    log = second.read_log()
+    for job_id in ids[:4]:
+        assert f"job {job_id}: cannot read its record, skipped" in log, log[-3000:]
+        assert status_of(lambda: admin.query(job_id)).code == Code.NOT_FOUND
+        assert os.path.isdir(job_dir(first, job_id)), "a record that could not be read was deleted"
+    assert "record format 99 (this server reads 1)" in log and "Traceback" not in log
+    assert read_stream(admin.stub, ids[4]).out == b"4\n"
+
+
+def test_retention_keeps_the_newest_ended_jobs_and_never_a_running_one(pki, tmp_path, gate):
+    server = Server(pki, str(tmp_path), "--keep-jobs", "2")
+    admin = server.client()
+    held = admin.start(py(gate.hold()))  # the oldest job, running throughout
+    wait_for_output(admin.stub, held, b"ready\n")
+    ended = [run_job(admin, ["echo", str(i)]).status.job_id for i in range(5)]
+    listed = lambda: [status.job_id for status in admin.list()]
+    assert wait_until(lambda: listed() == [ended[4], ended[3], held]), listed()
+    for job_id in ended[:3]:
+        assert status_of(lambda: admin.query(job_id)).code == Code.NOT_FOUND
+        assert wait_until(lambda: not os.path.exists(job_dir(server, job_id))), "a removed job's output was kept"
+    gate.open()
+    assert read_stream(admin.stub, held).status.exit_code == 0
+    assert wait_until(lambda: listed() == [ended[4], held]), listed()  # ended[3] ended before the held job
+    assert wait_until(lambda: not os.path.exists(job_dir(server, ended[3])))
+
+
+def test_retention_removes_jobs_ended_longer_ago_than_keep_for(pki, tmp_path):
+    first = Server(pki, str(tmp_path / "first"))
+    admin = first.client()
+    ids = [run_job(admin, ["echo", str(i)]).status.job_id for i in range(4)]
+    assert first.stop() == 0
+    now, day = time.time(), 86400
+    for job_id, ended_at in zip(ids, (now - 8 * day, now - 6 * day, now - 7 * day + 5, now)):
+        write_record(first, job_id, dict(read_record(first, job_id), ended_at=ended_at))
+
+    second = Server(pki, str(tmp_path / "second"), data_dir=first.data_dir)  # 7 days, the default
+    admin = second.client()
+    found = lambda job_id: status_of(lambda: admin.query(job_id)).code == OK
+    assert wait_until(lambda: not found(ids[0])), "a job ended 8 days ago was kept"
+    assert wait_until(lambda: not found(ids[2])), "a job was kept past its 7 days, with the server idle"
+    assert found(ids[1]) and found(ids[3])
+    kept = lambda: [os.path.exists(job_dir(first, job_id)) for job_id in ids]
+    assert wait_until(lambda: kept() == [False, True, False, True]), kept()
+    assert second.stop() == 0
+
+    third = Server(pki, str(tmp_path / "third"), "--keep-for", "5d", data_dir=first.data_dir)
+    admin = third.client()
+    assert wait_until(lambda: not found(ids[1])), "a job ended 6 days ago was kept for 5"
+    assert found(ids[3])
+
+
+def test_remove_for_each_role_and_a_running_job_refused(server):
+    clients = {role: server.client(role) for role in ("admin", "user", "user2", "observer")}
+    cases = [("admin", "user", OK), ("user", "user", OK), ("admin", "admin", OK), ("user", "admin", Code.NOT_FOUND),
+             ("user2", "user", Code.NOT_FOUND), ("observer", "admin", Code.PERMISSION_DENIED)]
+    for caller, owner, expected in cases:
+        job_id = run_job(clients[owner], ["echo", "x"]).status.job_id
+        removal = status_of(lambda: clients[caller].remove(job_id))
+        assert removal.code == expected, (caller, owner)
+        if expected == OK:
+            assert removal.response.job_id == job_id and removal.response.state == pb.EXITED
+            assert status_of(lambda: clients["admin"].query(job_id)).code == Code.NOT_FOUND
+            assert not os.path.exists(job_dir(server, job_id))
+            assert status_of(lambda: clients[caller].remove(job_id)).code == Code.NOT_FOUND
+        else:
+            assert clients["admin"].query(job_id).state == pb.EXITED
+    running = clients["user"].start(["sleep", "600"])
+    for role in ("admin", "user"):
+        assert status_of(lambda: clients[role].remove(running)).code == Code.FAILED_PRECONDITION
+    clients["user"].stop(running, force=True)
+    entries = [e for e in audit_entries(server) if e["action"] == "remove"]
+    assert {(e["who"], e["result"]) for e in entries} >= {("ada", "OK"), ("alice", "OK"), ("bob", "NOT_FOUND"),
+                                                          ("olivia", "PERMISSION_DENIED")}
+    assert entries[-1] == dict(entries[-1], who="alice", job_id=running, result="FAILED_PRECONDITION")
+    assert server.cli("remove", running).returncode == 0
+    assert status_of(lambda: clients["admin"].query(running)).code == Code.NOT_FOUND
+    refused = server.cli("remove", running)
+    assert refused.returncode == 1 and refused.stderr.decode().startswith("NOT_FOUND: ")
+
+
+def test_a_stream_of_a_job_removed_while_it_is_read_ends_with_not_found(admin):
+    size = 64 * MiB  # more than a stream's flow-control windows hold: the server is mid-stream at the removal
+    job_id = admin.start(["head", "-c", str(size), "/dev/zero"])
+    assert read_stream(admin.stub, job_id, keep=False).size == size
+    call = admin.stub.Stream(pb.StreamRequest(job_id=job_id), timeout=60)
+    received = len(next(call).data)
+    admin.remove(job_id)
+    with pytest.raises(grpc.RpcError) as ended:
+        for message in call:
+            received += len(message.data)
+    assert ended.value.code() == Code.NOT_FOUND and "removed" in ended.value.details()
+    assert received < size
+
+
+def test_output_past_the_cap_is_dropped_and_counted_and_the_job_runs_on(pki, tmp_path):
+    server = Server(pki, str(tmp_path), "--max-output", "1M")
+    admin = server.client()
+    command = py(PATTERN_JOB.format(blocks=3, size=MiB) + "out.flush()\nsys.stderr.write('end')\nraise SystemExit(7)")
+    ran = run_job(admin, command)
+    assert ran.status.exit_code == 7, "the job did not run to its end"
+    assert ran.out == pattern(3)[:MiB] and ran.err == b""
+    assert ran.status.output_bytes == MiB and ran.status.output_dropped_bytes == 2 * MiB + 3
+    assert os.path.getsize(output_path(server, ran.status.job_id)) == MiB
+    assert admin.query(ran.status.job_id) == ran.status
+    streamed = server.cli("stream", ran.status.job_id)
+    assert streamed.returncode == 7 and streamed.stdout == ran.out
+    assert streamed.stderr.decode() == f"jobworker: {2 * MiB + 3} bytes more of the job's output were dropped " \
+                                       "(past the server's --max-output, or on a full disk)\n"
+
+
+@needs_root
+def test_a_full_disk_drops_output_refuses_starts_and_every_other_job_streams_on(pki, tmp_path, gate):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "jobworker-test", str(disk)], check=True)
+    try:
+        server = Server(pki, str(tmp_path / "server"), "--min-free", "2M", data_dir=str(disk / "data"))
+        try:
+            admin = server.client()
+            streamed = admin.start(py(PATTERN_JOB.format(blocks=1, size=MiB) + gate.hold(before="out.flush()\n")
+                                      + "print('after')"))
+            attached = threading.Barrier(2)
+            reader = Concurrently([lambda: read_stream(admin.stub, streamed, first=lambda: attached.wait(60))],
+                                  (attached,))
+            reader.meet(attached)
+            wait_for_output(admin.stub, streamed, pattern(1))
+            filler = run_job(admin, ["head", "-c", str(16 * MiB), "/dev/zero"])
+            status = filler.status
+            assert status.exit_code == 0 and status.output_bytes == filler.size == os.path.getsize(
+                output_path(server, status.job_id))
+            assert status.output_dropped_bytes > 0 and status.output_bytes + status.output_dropped_bytes == 16 * MiB
+            refused = pytest.raises(grpc.RpcError, admin.start, ["true"]).value
+            assert refused.code() == Code.RESOURCE_EXHAUSTED and "--min-free" in refused.details()
+            gate.open()
+            (ran,) = reader.results()
+            assert ran.out == pattern(1) and ran.status.exit_code == 0
+            assert ran.status.output_dropped_bytes == len(b"after\n")
+            assert server.read_log().count("file system is full") == 1
+            admin.remove(status.job_id)
+            assert run_job(admin, ["echo", "room again"]).out == b"room again\n"
+        finally:
+            assert server.stop() == 0, server.read_log()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_list_pages_filters_and_cuts_huge_commands(pki, tmp_path):
+    server = Server(pki, str(tmp_path))
+    admin, user, observer = (server.client(role) for role in ("admin", "user", "observer"))
+    huge = ["true"] + ["y" * 100_000] * 19  # 1.9 MB
+    ids = [admin.start(huge) for _ in range(40)] + [user.start(["echo", str(i)]) for i in range(5)]
+    running = user.start(["sleep", "600"])
+    newest_first = [running] + ids[::-1]
+    for client in (admin, observer):
+        response = client.stub.List(pb.ListRequest(), timeout=60)
+        assert [s.job_id for s in response.jobs] == newest_first and not response.next_page_token
+        assert response.ByteSize() < 100_000
+        for status in response.jobs[6:]:
+            assert status.command_truncated and status.command[0] == "true"
+            assert sum(len(arg.encode()) for arg in status.command) == 1024
+        assert not any(status.command_truncated for status in response.jobs[:6])
+    assert list(admin.query(ids[0]).command) == huge and not admin.query(ids[0]).command_truncated
+    pages, token = [], ""
+    while True:
+        response = observer.stub.List(pb.ListRequest(page_size=7, page_token=token), timeout=60)
+        pages.append([s.job_id for s in response.jobs])
+        token = response.next_page_token
+        if not token:
+            break
+    assert [len(page) for page in pages] == [7] * 6 + [4] and sum(pages, []) == newest_first
+    assert [s.job_id for s in admin.list(state=pb.RUNNING)] == [running]
+    assert [s.job_id for s in observer.list(owner="alice")] == newest_first[:6]
+    assert [s.job_id for s in user.list()] == newest_first[:6] and user.list(owner="ada") == []
+    assert len(admin.list(state=pb.EXITED)) == 45 and len(admin.list(limit=3)) == 3
+    for bad in (pb.ListRequest(page_size=1001), pb.ListRequest(page_token="x"), pb.ListRequest(page_token="-1"),
+                pb.ListRequest(state=99)):
+        assert status_of(lambda: admin.stub.List(bad, timeout=60)).code == Code.INVALID_ARGUMENT, bad
+    ids += [admin.start(["true"]) for _ in range(10)]
+    shown = server.cli("list")
+    assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 50
+    assert shown.stdout.decode().splitlines()[0].startswith(ids[-1])
+    assert shown.stderr == b"jobworker: the newest 50 shown; --limit N for more (0: all)\n"
+    assert len(server.cli("list", "--limit", "0").stdout.splitlines()) == 56
+    assert len(server.cli("list", "--limit", "5").stdout.splitlines()) == 5
+    running_only = server.cli("list", "--state", "running").stdout.decode().splitlines()
+    assert len(running_only) == 1 and running_only[0].startswith(running)
+    admin.stop(running, force=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
