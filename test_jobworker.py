@@ -1145,6 +1145,11 @@ def test_cli_numeric_flags_refuse_what_their_field_cannot_hold(server, tmp_path)
     cases += [("stream", "--offset", value, job_id) for value in ("-1", "99999999999999999999999", "start")]
     cases += [("serve", "--data-dir", str(tmp_path), *limit) for limit in
               (("--default", "pids=-3"), ("--max", "memory=99999999999T"), ("--default", "cpu=nan"))]
+    cases += [("serve", "--data-dir", str(tmp_path), flag, value) for flag, value in
+              (("--keep-jobs", "-1"), ("--keep-jobs", "many"), ("--keep-for", "soon"), ("--keep-for", "-1d"),
+               ("--keep-for", "nan"), ("--max-output", "lots"), ("--max-output", beyond_uint64),
+               ("--min-free", "100%"), ("--min-free", "-5%"), ("--min-free", "some"))]
+    cases += [("list", "--limit", "-1"), ("list", "--state", "HAPPY")]
     results = Concurrently([functools.partial(server.cli, *argv) for argv in cases]).results()
     wrong = [f"{shlex.join(argv)}: exit {result.returncode}, {result.stdout!r}, {result.stderr[-300:]!r}"
              for argv, result in zip(cases, results) if result.returncode != 2 or result.stdout or
@@ -1655,6 +1660,7 @@ def job_groups_left(server_pid, job_ids):
 
 
 RELIABILITY_FIGURES = []
+HISTORY_FIGURES = []  # lines of their own: the figures of kept jobs
 
 
 def record(scenario, jobs, clients, streamed, before, peak, after):
@@ -1663,19 +1669,21 @@ def record(scenario, jobs, clients, streamed, before, peak, after):
 
 @pytest.fixture(scope="module")
 def reliability_figures(request):
-    """Collects the figures of the scenarios that measure the server, and prints them as a table at the end."""
+    """Collects the figures of the scenarios that measure the server, and prints them as a table at the end (and the
+    lines of HISTORY_FIGURES after it)."""
     yield RELIABILITY_FIGURES
-    if not RELIABILITY_FIGURES:
+    if not RELIABILITY_FIGURES and not HISTORY_FIGURES:
         return
     lines = ["", "Reliability figures (server process; before = idle, peak = during, after = settled; memory is "
                  "VmRSS, peak VmHWM, MiB)", "",
              "| scenario | jobs | clients | bytes streamed | threads before / peak / after "
              "| descriptors before / peak / after | memory MiB before / peak / after |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|"] if RELIABILITY_FIGURES else []
     for scenario, jobs, clients, streamed, before, peak, after in RELIABILITY_FIGURES:
         lines.append(f"| {scenario} | {jobs} | {clients} | {streamed:,} | {before.threads} / {peak.threads} / "
                      f"{after.threads} | {before.fds} / {peak.fds} / {after.fds} | {before.rss / MiB:.0f} / "
                      f"{peak.hwm / MiB:.0f} / {after.rss / MiB:.0f} |")
+    lines += ["", *HISTORY_FIGURES] if HISTORY_FIGURES else []
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         print("\n".join(lines))
@@ -2123,6 +2131,104 @@ def test_reliability_a_job_that_stops_itself_can_be_queried_streamed_and_stopped
     rest = list(streaming)
     assert rest and rest[-1].status.state == pb.STOPPED and b"".join(m.data for m in rest) == b""
     assert processes_with(label) == []
+
+
+# -- kept jobs ---------------------------------------------------------------------------------------------------------
+
+KEPT_JOBS = 10_000
+KEPT_JOB_MEMORY = 8 * 1024  # bytes a kept ended job may cost the server
+KEPT_LOAD_SECONDS = 2.0     # a server's start may take this much longer with KEPT_JOBS to load than with none
+
+
+def started_server(pki, directory, *options, data_dir=None):
+    """A server, how long it took to say it listens, and its figures once its inits are ready."""
+    began = time.monotonic()
+    server = Server(pki, directory, *options, data_dir=data_dir)
+    took = time.monotonic() - began
+    assert wait_until(lambda: inits_ready(server)), "the server did not make its inits"
+    return server, took, figures_of(server.proc.pid)
+
+
+def test_reliability_10000_kept_jobs_load_fast_cost_little_memory_and_retention_gives_it_back(pki, tmp_path,
+                                                                                             reliability_figures):
+    """A data directory of KEPT_JOBS ended jobs (one real job's directory, copied under new ids): a server loads them
+    within KEPT_LOAD_SECONDS more than it takes to start on none, each costs it at most KEPT_JOB_MEMORY, and a server
+    that keeps none (--keep-jobs 0) loads them and removes them all (its memory then is reported: the allocator keeps
+    what was freed for reuse; the next test shows that nothing of a removed job stays)."""
+    seed = Server(pki, str(tmp_path / "seed"))
+    seed_id = run_job(seed.client(), ["echo", "kept"]).status.job_id
+    assert seed.stop() == 0
+    data_dir, seed_dir = str(tmp_path / "kept"), job_dir(seed, seed_id)
+    record = read_record(seed, seed_id)
+    for i in range(KEPT_JOBS):
+        job_id = str(uuid.uuid4())
+        os.makedirs(os.path.join(data_dir, "jobs", job_id))
+        for name in ("output", "runs"):
+            shutil.copyfile(os.path.join(seed_dir, name), os.path.join(data_dir, "jobs", job_id, name))
+        with open(os.path.join(data_dir, "jobs", job_id, "record.json"), "w") as f:
+            json.dump(dict(record, job_id=job_id, started_at=record["started_at"] + i / 1000,
+                           ended_at=record["ended_at"] + i / 1000), f)
+
+    empty, empty_start, idle = started_server(pki, str(tmp_path / "empty"))
+    assert empty.stop() == 0
+    full, full_start, loaded = started_server(pki, str(tmp_path / "full"), "--keep-jobs", str(KEPT_JOBS),
+                                              data_dir=data_dir)
+    admin = full.client()
+    assert len(admin.list()) == KEPT_JOBS and read_stream(admin.stub, job_id).out == b"kept\n"  # the last copy
+    assert full.stop() == 0
+    pruning, _, _ = started_server(pki, str(tmp_path / "pruning"), "--keep-jobs", "0", data_dir=data_dir)
+    with_records = lambda: [name for name in os.listdir(os.path.join(data_dir, "jobs"))
+                            if os.path.exists(os.path.join(data_dir, "jobs", name, "record.json"))]
+    assert wait_until(lambda: not with_records(), timeout=300), f"{len(with_records())} jobs kept with --keep-jobs 0"
+    assert pruning.client().list() == []
+    after = figures_of(pruning.proc.pid)
+    per_job = (loaded.rss - idle.rss) / KEPT_JOBS
+    HISTORY_FIGURES.extend([
+        f"Kept jobs ({KEPT_JOBS:,} ended jobs loaded from their records):",
+        f"  start, to listening: {empty_start:.2f} s on an empty data directory, {full_start:.2f} s on {KEPT_JOBS:,} "
+        f"jobs",
+        f"  server memory (VmRSS, inits ready): {idle.rss / MiB:.1f} MiB idle, {loaded.rss / MiB:.1f} MiB with "
+        f"{KEPT_JOBS:,} jobs ({per_job / 1024:.2f} KiB per job), {after.rss / MiB:.1f} MiB once retention has "
+        f"removed them all (the allocator keeps what was freed, for reuse)"])
+    assert full_start - empty_start <= KEPT_LOAD_SECONDS, HISTORY_FIGURES[-2]
+    assert per_job <= KEPT_JOB_MEMORY, HISTORY_FIGURES[-1]
+
+
+RETAINED_JOBS, RETENTION_ROUND = 500, 1000
+REMOVED_JOB_MEMORY = 2048  # bytes a job removed by retention may leave behind in the server, on average (a kept
+                           # job costs about 6 KiB: one that stayed whole would show, as would most of it)
+
+
+def test_reliability_retention_keeps_the_memory_of_a_server_running_job_after_job_flat(pki, tmp_path,
+                                                                                   reliability_figures):
+    """Real jobs, RETENTION_ROUND at a time, on a server keeping RETAINED_JOBS: after each round the server holds the
+    newest RETAINED_JOBS ended jobs, and once the allocator has settled (two rounds) later rounds (each job of them
+    started, ended and then removed by retention) leave its memory where it was, within REMOVED_JOB_MEMORY per job."""
+    server, _, idle = started_server(pki, str(tmp_path), "--keep-jobs", str(RETAINED_JOBS))
+    channels = [open_channel(server) for _ in range(8)]
+
+    def run_round():
+        def starts(stub):
+            return [stub.Start(pb.StartRequest(command=["true"]), timeout=60).job_id
+                    for _ in range(RETENTION_ROUND // len(channels))]
+        started = sum(Concurrently([functools.partial(starts, stub) for _, stub in channels]).results(), [])
+        admin = server.client()
+        settled = lambda: len(admin.list()) == RETAINED_JOBS and not admin.list(state=pb.RUNNING)
+        assert wait_until(settled, timeout=120), "retention did not keep the newest jobs alone"
+        kept = {status.job_id for status in admin.list()}
+        assert kept <= set(started)
+        admin.close()
+        return figures_of(server.proc.pid)
+
+    rounds = [run_round() for _ in range(4)]
+    for channel, _ in channels:
+        channel.close()
+    left = (rounds[3].rss - rounds[1].rss) / (2 * RETENTION_ROUND)
+    HISTORY_FIGURES.extend([
+        f"Retention with real jobs (--keep-jobs {RETAINED_JOBS}, rounds of {RETENTION_ROUND} `true` from 8 threads):",
+        f"  server memory: {idle.rss / MiB:.1f} MiB idle, after rounds 1-4: "
+        f"{' / '.join(f'{r.rss / MiB:.1f}' for r in rounds)} MiB ({left:.0f} bytes per job removed in rounds 3-4)"])
+    assert left <= REMOVED_JOB_MEMORY, HISTORY_FIGURES[-1]
 
 
 # -- server faults -----------------------------------------------------------------------------------------------------
