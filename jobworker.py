@@ -579,9 +579,12 @@ class Servicer:
 
     def Start(self, request, context, caller):
         limits = {name: getattr(request.limits, name) for name in LIMITS}
-        # The pool makes the next init once this answer has gone, so the two do not compete for the CPU.
+        # The pool makes the next init, and the job's record goes to the disk, once this answer has gone, so that
+        # neither competes with the Start for the CPU or the disk.
         context.add_callback(self.manager.pool.refill)
         job = self.manager.start(caller.identity, list(request.command), limits)
+        if not context.add_callback(lambda: self.manager.sync(job)):
+            self.manager.sync(job)
         return pb.StartResponse(job_id=job.id, status=job.status())
 
     def Stop(self, request, context, caller):
@@ -706,6 +709,7 @@ class JobManager:
         # One job's teardown (cgroup reads and removal, the init's release) never holds up another job's output.
         self._teardown = futures.ThreadPoolExecutor(1, initializer=name_this_thread, initargs=("teardown",))
         self._pump = OutputPump(lambda job: self._teardown.submit(self._finish, job), max_output, self.space)
+        self._syncer = futures.ThreadPoolExecutor(1, initializer=name_this_thread, initargs=("records",))
         self._retainer = threading.Thread(target=self._retain, name="retention", daemon=True)
         self._retainer.start()
 
@@ -725,7 +729,7 @@ class JobManager:
                     undo.callback(os.close, out_r)
                     undo.callback(os.close, err_r)
                     job = Job.started(init, owner, command)
-                    job.save()  # RUNNING: should the server crash, the next one finds the job LOST
+                    job.save(synced=False)  # RUNNING: should the server crash, the next one finds the job LOST
                     self._pump.watch(job, out_r, err_r)
                     undo.pop_all()
             except OSError as e:
@@ -734,6 +738,13 @@ class JobManager:
         with self._lock:
             self._add(job)
         return job
+
+    def sync(self, job):
+        """Flushes a Start's record to the disk, on a thread of its own, once the Start has answered."""
+        try:
+            self._syncer.submit(sync_record, job.log.directory)
+        except RuntimeError:  # the manager has shut down since
+            sync_record(job.log.directory)
 
     def _add(self, job):
         """Numbers a job, for List's pages, and takes it in (under the lock)."""
@@ -835,6 +846,7 @@ class JobManager:
         self._end(self.jobs(), SHUTDOWN_GRACE)
         self._pump.stop()
         self._teardown.shutdown(wait=True)  # every job's final record is written
+        self._syncer.shutdown(wait=True)
         self._retainer.join()
         if self.sandbox.cgroups:
             self.sandbox.cgroups.close()
@@ -991,10 +1003,10 @@ class Job:
         finally:
             self.ended.set()
 
-    def save(self):
-        """Writes the job's record, as its status says it."""
+    def save(self, synced=True):
+        """Writes the job's record, as its status says it (see write_record)."""
         outcome = self.outcome
-        write_record(self.log.directory, {
+        write_record(self.log.directory, synced=synced, record={
             "version": RECORD_VERSION, "job_id": self.id, "owner": self.owner, "command": self.command,
             "pid": self.pid, "isolation": self.isolation, "started_at": self.started_at, "state": self.state,
             "exit_code": outcome.exit_code if outcome else None, "signal": outcome.signal if outcome else 0,
@@ -1018,15 +1030,18 @@ class Job:
         return status
 
 
-def write_record(directory, record):
-    """Replaces a job's record: a new file, written and synced, renamed over the old one, and the directory synced,
-    so that a crash or a power loss leaves either record whole."""
+def write_record(directory, record, synced=True):
+    """Replaces a job's record with a new file renamed over it, so that a server killed at any moment leaves one
+    record or the other, whole. `synced`: the new file reaches the disk before the rename and the directory after it,
+    so that a power loss does too; otherwise sync_record() follows (a Start's record: two flushes would double the
+    Start's time)."""
     temporary = os.path.join(directory, RECORD + ".new")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             _write_all(fd, json.dumps(record).encode())
-            os.fsync(fd)
+            if synced:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(temporary, os.path.join(directory, RECORD))
@@ -1034,7 +1049,23 @@ def write_record(directory, record):
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if synced:
+        _fsync(directory)
+
+
+def sync_record(directory):
+    """Flushes a record written unsynced, and its directory, to the disk (unless its job has been removed since)."""
+    try:
+        _fsync(os.path.join(directory, RECORD))
+        _fsync(directory)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        logging.error("cannot sync the record in %s: %s", directory, e)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -1060,14 +1091,20 @@ def load_jobs(jobs_dir):
                 raise ValueError("it is not the record of the job its directory is named for")
             job = Job.restored(record, OutputLog(entry.path, existing=True))
             if record["state"] == "RUNNING":
-                job.save()
+                job.save(synced=False)  # all flushed at once, below
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             logging.error("job %s: cannot read its record, skipped: %s", entry.name, e)
             continue
         jobs.append(job)
+    lost = sum(job.state == "LOST" for job in jobs)
+    if lost:
+        fd = os.open(jobs_dir, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            libc("syncfs", fd)  # one flush for every LOST record written
+        finally:
+            os.close(fd)
     if jobs:
-        logging.info("%d jobs of earlier servers loaded (%d lost)", len(jobs),
-                     sum(job.state == "LOST" for job in jobs))
+        logging.info("%d jobs of earlier servers loaded (%d lost)", len(jobs), lost)
     return jobs
 
 
