@@ -1626,10 +1626,10 @@ def inits_ready(server, running=0):
     return pidfds >= READY_INITS + running
 
 
-def idle_server(pki, directory):
+def idle_server(pki, directory, *options):
     """A server of the test's own, once it has served a call of each kind, closed the connection and made its inits
     again: (server, its figures)."""
-    server = Server(pki, directory)
+    server = Server(pki, directory, *options)
     client = server.client()
     job_id = client.start(["echo", "warm"])
     read_stream(client.stub, job_id)
@@ -2026,7 +2026,7 @@ def test_reliability_output_without_newlines_arrives_live_and_byte_exact(admin, 
 def test_reliability_a_job_writing_gigabytes_streams_them_all_in_bounded_time_and_memory(pki, tmp_path,
                                                                                         reliability_figures):
     """Every byte arrives, in order (counted and digested), within the stream's deadline."""
-    server, idle = idle_server(pki, str(tmp_path))
+    server, idle = idle_server(pki, str(tmp_path), "--max-output", "3G")
     size = (2 << 30) + MiB  # past 2^31: offsets beyond any 32-bit integer
     channel, stub = open_channel(server)
     try:
