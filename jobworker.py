@@ -742,8 +742,13 @@ class JobManager:
     def sync(self, job):
         """Flushes a Start's record to the disk, on a thread of its own, once the Start has answered."""
         try:
-            self._syncer.submit(sync_record, job.log.directory)
+            self._syncer.submit(self._sync, job)
         except RuntimeError:  # the manager has shut down since
+            self._sync(job)
+
+    @staticmethod
+    def _sync(job):
+        if not job.ended.is_set():  # else its final record, synced, has replaced it: a short job costs no flush more
             sync_record(job.log.directory)
 
     def _add(self, job):
@@ -2167,7 +2172,7 @@ class OutputPump:
                 return log.drop_from(fd, self._null, self.SPLICE) > 0
             try:
                 return log.take_from(source, fd, min(room, self.SPLICE)) > 0
-            except BlockingIOError:
+            except BlockingIOError:  # nothing waits: not the disk's refusal
                 raise
             except OSError as e:  # what the pipe holds is drained at the next wakeup
                 log.dropping = True
