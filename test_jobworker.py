@@ -747,7 +747,7 @@ def test_restart_after_sigkill_finds_the_running_job_lost_with_its_output(pki, t
     label = marker()
     running = admin.start(py(f"# {label}\nimport sys\nsys.stdout.write('to out\\n'); sys.stdout.flush()\n"
                              f"sys.stderr.write('to err\\n'); sys.stderr.flush()\n" + gate.hold(before="")))
-    wait_until(lambda: admin.query(running).output_bytes == 14)
+    assert wait_until(lambda: admin.query(running).output_bytes == 14)
     pidfds = [os.pidfd_open(pid) for pid in processes_with(label)]
     assert pidfds
     jobs_dir = os.path.join(first.data_dir, "jobs")
