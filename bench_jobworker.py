@@ -37,6 +37,12 @@ block device (the server refuses to run with disk limits unavailable).
 
 Exit status: 0 when every phase ran and every server stopped cleanly (targets may still FAIL: see the table), 1 when
 a phase could not be measured or a server misbehaved (see "errors" in the JSON).
+
+    bench_jobworker.py --paced-starts REV [REV...]
+
+measures only the paced Start and Query (as the start phase does, BENCH_PACED_ROUNDS of each, default 100) of the
+jobworker.py of each git revision (a commit, a branch, HEAD), isolation off and on, on servers running side by side,
+their calls interleaved: what a change costs a Start, on a machine too noisy for runs minutes apart to tell.
 """
 
 import contextlib
@@ -386,8 +392,8 @@ def read_line(process, timeout, what):
 class ServerProcess:
     """A `jobworker.py serve` of the bench's own, on 127.0.0.1 with a free port."""
 
-    def __init__(self, name, isolation, certs, workdir):
-        self.name, self.isolation, self.certs = name, isolation, certs
+    def __init__(self, name, isolation, certs, workdir, program=JOBWORKER):
+        self.name, self.isolation, self.certs, self.program = name, isolation, certs, program
         self.data_dir = os.path.join(workdir, f"{name}-data")
         self.log_path = os.path.join(workdir, f"{name}.log")
         self.process = None
@@ -396,7 +402,7 @@ class ServerProcess:
         self.report = {}
 
     def start(self):
-        argv = [sys.executable, "-c", SERVER_WRAPPER, JOBWORKER, "serve", "--addr", "127.0.0.1:0",
+        argv = [sys.executable, "-c", SERVER_WRAPPER, self.program, "serve", "--addr", "127.0.0.1:0",
                 "--cert", self.certs["server_cert"], "--key", self.certs["server_key"], "--ca", self.certs["ca"],
                 "--data-dir", self.data_dir, "--isolation", self.isolation]
         with open(self.log_path, "ab") as err:
@@ -1395,7 +1401,61 @@ def bench():
     return 1 if results.get("errors") else 0
 
 
+def paced_starts_main(revisions):
+    """--paced-starts: the paced Start and Query of each revision's server, isolation off and on, interleaved."""
+    rounds = int(os.environ.get("BENCH_PACED_ROUNDS", "100"))
+    workdir = tempfile.mkdtemp(prefix=f"{STALE_PREFIX}{os.getpid()}-")
+    servers = {}
+    try:
+        certs = make_certs(workdir)
+        for revision in revisions:
+            tree = os.path.join(workdir, f"tree-{len(servers)}")
+            os.mkdir(tree)
+            archive = subprocess.run(["git", "-C", HERE, "archive", revision, "jobworker.py", "gen"], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+            for mode, isolation in (("plain", "off"), ("isolated", "on")):
+                server = ServerProcess(f"{len(servers)}-{mode}", isolation, certs, workdir,
+                                       os.path.join(tree, "jobworker.py"))
+                servers[(revision, mode)] = server
+                server.start()
+        clients = {key: server.client() for key, server in servers.items()}
+        ended = {}
+        for key, client in clients.items():
+            for _ in range(WARMUP):
+                start_job(client, ["true"])
+            ended[key] = run_to_end(client)
+        samples = {key: {"start": [], "query": []} for key in clients}
+        keys = list(clients)
+        for round_ in range(rounds):
+            for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:  # each server in turn goes first
+                for kind in ("start", "query") if round_ % 2 == 0 else ("query", "start"):
+                    time.sleep(PACE)
+                    t0 = time.perf_counter()
+                    if kind == "start":
+                        start_job(clients[key], ["true"])
+                    else:
+                        clients[key].stub.Query(pb.QueryRequest(job_id=ended[key]), timeout=RPC_TIMEOUT)
+                    samples[key][kind].append(time.perf_counter() - t0)
+        results = {"paced_rounds": rounds, "revisions": revisions}
+        print(f"paced Start and Query after {PACE * 1000:.0f} ms idle, p50 / p99 ms, {rounds} of each per server")
+        for (revision, mode), measured in samples.items():
+            print(f"  {revision:<20} isolation {'off' if mode == 'plain' else 'on ':<3}  "
+                  + "  ".join(f"{kind} {percentile(measured[kind], 50) * 1000:6.2f} / "
+                              f"{percentile(measured[kind], 99) * 1000:6.2f}" for kind in ("start", "query")))
+            for kind in ("start", "query"):
+                results[f"{kind}_paced_p50_ms_{mode}_{revision}"] = round(percentile(measured[kind], 50) * 1000, 3)
+        print(json.dumps(results, sort_keys=True), flush=True)
+        return 0
+    finally:
+        for server in servers.values():
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv):
+    if argv[:1] == ["--paced-starts"]:
+        return paced_starts_main(argv[1:])
     if argv[:1] == ["--ceiling-server"]:
         return ceiling_server_main(*argv[1:])
     if argv[:1] == ["--fanout-worker"]:

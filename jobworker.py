@@ -7,11 +7,12 @@ decides what each caller may do from the role (OU) in its certificate. Each job 
 and network namespaces, under a small init of ours, as an unprivileged user.
 
     python jobworker.py serve                      # the service
-    python jobworker.py run -- CMD [ARG...]        # the client: run, start, stop, query, stream, wait, list
+    python jobworker.py run -- CMD [ARG...]        # the client: run, start, stop, query, stream, wait, list, remove
 
 The file reads the way a request travels: security (TLS, identity, roles), the gRPC server and its RPCs, the job
-manager, isolation, the inits that run each job (the one part that runs outside the server), the job's output on
-its way from the pipes to the disk and back to the streams, and finally the client and the command line.
+manager (with each job's record on disk, which outlives the server, and the retention of ended jobs), isolation, the
+inits that run each job (the one part that runs outside the server), the job's output on its way from the pipes to
+the disk and back to the streams, and finally the client and the command line.
 """
 
 import bisect
@@ -37,10 +38,12 @@ class _ImportedOnFirstUse:
     """A module imported the first time one of its names is used."""
 
     def __init__(self, name):
-        self._name = name
+        self._name, self._module = name, None
 
     def __getattr__(self, attr):
-        return getattr(importlib.import_module(self._name), attr)
+        if self._module is None:  # kept: importlib's own look-up costs microseconds at every use
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
 
 
 # Every job's init is forked from the launcher, a bare interpreter that loads this file and uses only the modules
@@ -70,6 +73,12 @@ DEFAULT_STOP_GRACE = 10.0          # seconds between SIGTERM and SIGKILL when th
 MAX_STOP_GRACE = 3600.0
 SHUTDOWN_GRACE = 5.0               # the same, for the jobs still running when the server shuts down
 KILL_GRACE = 5.0                   # seconds an init has to carry out a kill before it is killed itself
+DEFAULT_KEEP_JOBS = 1000           # ended jobs kept, with their output (serve --keep-jobs)
+DEFAULT_KEEP_FOR = 7 * 86400.0     # seconds an ended job is kept (serve --keep-for)
+DEFAULT_MAX_OUTPUT = 1 << 30       # bytes of output kept per job; the rest is dropped and counted (serve --max-output)
+DEFAULT_MIN_FREE = "2%"            # free space in the data directory under which Starts are refused (serve --min-free)
+LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE = 100, 1000
+LIST_COMMAND_BYTES = 1024          # of each command List shows, so that a page stays small (Query shows all of it)
 
 
 class Refused(Exception):
@@ -78,6 +87,20 @@ class Refused(Exception):
     def __init__(self, code, message):
         super().__init__(message)
         self.code = code
+
+
+def parse_duration(text):
+    """'90', '90s', '15m', '12h', '7d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (use seconds or an s/m/h/d suffix)") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a duration: {text!r}")
+    return seconds
 
 
 def parse_size(text):
@@ -211,8 +234,9 @@ POLICY = {
     "Stream": {"admin": Scope.EVERY, "user": Scope.OWN, "observer": Scope.EVERY},
     "List": {"admin": Scope.EVERY, "user": Scope.OWN, "observer": Scope.EVERY},
     "Wait": {"admin": Scope.EVERY, "user": Scope.OWN, "observer": Scope.EVERY},
+    "Remove": {"admin": Scope.EVERY, "user": Scope.OWN},
 }
-AUDITED = {"Start", "Stop"}
+AUDITED = {"Start", "Stop", "Remove"}
 OID_CN, OID_OU = "2.5.4.3", "2.5.4.11"
 # BoringSSL offers no minimum-version setting through gRPC Python, so TLS 1.3 is checked on every call (authorize);
 # what can be restricted is the TLS 1.2 cipher list, which gRPC reads from the environment.
@@ -388,7 +412,7 @@ def _read_bytes(path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# gRPC server: mutual TLS on one address, every call behind the Guard, starts and stops in the audit log
+# gRPC server: mutual TLS on one address, every call behind the Guard, starts, stops and removes in the audit log
 # The RPCs themselves are the Servicer's, in the next section.
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -398,8 +422,8 @@ class Server:
     WORKERS = 1024  # calls in flight at once; a stream or a wait holds its thread for as long as it lasts
     RESERVED = 64   # threads streams and waits may not take, for the other calls
 
-    def __init__(self, addr, cert, key, ca, data_dir, sandbox, policy):
-        self.manager = JobManager(data_dir, sandbox, policy)
+    def __init__(self, addr, cert, key, ca, data_dir, sandbox, policy, **keeping):
+        self.manager = JobManager(data_dir, sandbox, policy, **keeping)
         self.audit = Audit(os.path.join(data_dir, "audit.log"))
         options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0),
                    ("grpc.http2.bdp_probe", 0),  # else a client's oversized request grows our receive window first
@@ -428,7 +452,8 @@ class Server:
 
 
 class Guard:
-    """Runs every RPC behind authorize(), so no call reaches the Servicer unchecked, and audits starts and stops.
+    """Runs every RPC behind authorize(), so no call reaches the Servicer unchecked, and audits starts, stops and
+    removes.
 
     It builds the service's handlers itself from the proto's service descriptor (the equivalent of an interceptor),
     so a streaming call is refused before its first byte, and a method without a POLICY entry cannot be served.
@@ -496,7 +521,8 @@ def _claimed_caller(context):
 
 
 class Audit:
-    """One JSON line per start and stop, to the audit file (readable by root alone) and the server's log."""
+    """One JSON line per start, stop and remove, appended to the audit file (readable by root alone; kept across
+    restarts) and the server's log."""
 
     def __init__(self, path):
         self._file = open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "a",
@@ -562,10 +588,13 @@ class Servicer:
 
     def Start(self, request, context, caller):
         limits = {name: getattr(request.limits, name) for name in LIMITS}
-        # The pool makes the next init once this answer has gone, so the two do not compete for the CPU.
+        # The pool makes the next init, and the job's record goes to the disk, once this answer has gone, so that
+        # neither competes with the Start for the CPU or the disk.
         context.add_callback(self.manager.pool.refill)
         job = self.manager.start(caller.identity, list(request.command), limits, dict(request.env),
                                  request.working_directory or "/")
+        if not context.add_callback(lambda: self.manager.sync(job)):
+            self.manager.sync(job)
         return pb.StartResponse(job_id=job.id, status=job.status())
 
     def Stop(self, request, context, caller):
@@ -580,7 +609,29 @@ class Servicer:
         return self._visible(request.job_id, caller).status()
 
     def List(self, request, context, caller):
-        return pb.ListResponse(jobs=[job.status() for job in self.manager.jobs() if caller.may_see(job)])
+        size = request.page_size or LIST_PAGE_SIZE
+        if size > MAX_LIST_PAGE_SIZE:
+            raise Refused("INVALID_ARGUMENT", f"page_size must be at most {MAX_LIST_PAGE_SIZE}")
+        if request.state not in pb.JobState.values():
+            raise Refused("INVALID_ARGUMENT", f"no job state {request.state}")
+        state = pb.JobState.Name(request.state) if request.state else None
+        token = request.page_token
+        if token and not (token.isascii() and token.isdigit() and len(token) < 20):
+            raise Refused("INVALID_ARGUMENT", f"not a page token of this server: {token[:64]!r}")
+
+        def wanted(job):
+            return (caller.may_see(job) and (not request.owner or job.owner == request.owner)
+                    and (state is None or job.state == state))
+        jobs, more = self.manager.page(wanted, int(token) if token else None, size)
+        response = pb.ListResponse(jobs=[_cut_command(job.status()) for job in jobs])
+        if more:
+            response.next_page_token = str(jobs[-1].number)
+        return response
+
+    def Remove(self, request, context, caller):
+        job = self._visible(request.job_id, caller)
+        self.manager.remove(job)
+        return job.status()
 
     def Stream(self, request, context, caller):
         job = self._visible(request.job_id, caller)
@@ -594,7 +645,7 @@ class Servicer:
             self.long_calls.give_back(caller.identity)
         if not context.add_callback(ended):
             ended()
-        return self._stream(job, reader)
+        return self._stream(job, reader, context)
 
     def Wait(self, request, context, caller):
         job = self._visible(request.job_id, caller)
@@ -612,9 +663,11 @@ class Servicer:
         return job.status()
 
     @staticmethod
-    def _stream(job, reader):
+    def _stream(job, reader, context):
         for source, offset, data in reader:
             yield pb.StreamResponse(source=source, offset=offset, data=data)
+        if job.log.removed:  # by a Remove or by retention: its output is gone, and the stream cannot be whole
+            context.abort(grpc.StatusCode.NOT_FOUND, f"job {job.id} was removed while it was streamed")
         if not reader.cancelled:
             yield pb.StreamResponse(offset=reader.offset, status=job.status())
 
@@ -631,28 +684,59 @@ class Servicer:
         return job
 
 
+def _cut_command(status):
+    """A listed status: its command cut to LIST_COMMAND_BYTES (whole arguments while they fit, then part of one)."""
+    room, kept = LIST_COMMAND_BYTES, []
+    for arg in status.command:
+        encoded = arg.encode()
+        if len(encoded) > room:
+            kept.append(encoded[:room].decode(errors="ignore"))  # no character cut in half
+            del status.command[:]
+            status.command.extend(kept)
+            status.command_truncated = True
+            break
+        kept.append(arg)
+        room -= len(encoded)
+    return status
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Job manager: every job of this server, from its Start to its end, and all of them at shutdown
-# A job is a command run by an init of its own, its output log, and how it ended.
+# Job manager: every job of this server, from its Start to its end and its removal, and all of them at shutdown
+# A job is a command run by an init of its own, its output log, how it ended, and its record on disk, from which a
+# later server knows it. Ended jobs are kept within the retention's bounds.
 # ---------------------------------------------------------------------------------------------------------------------
 
 class JobManager:
-    """Starts jobs in ready inits, finds them, stops them, and ends them all at shutdown."""
+    """Starts jobs in ready inits, finds them, stops them, removes them (asked, or past the retention's bounds), and
+    ends them all at shutdown. Each job's record is written at its Start and at its end; the jobs of earlier servers
+    are loaded from theirs."""
 
-    def __init__(self, data_dir, sandbox, policy):
+    def __init__(self, data_dir, sandbox, policy, retention=None, max_output=DEFAULT_MAX_OUTPUT,
+                 min_free=DEFAULT_MIN_FREE):
         jobs_dir = os.path.join(data_dir, "jobs")
-        shutil.rmtree(jobs_dir, ignore_errors=True)  # the logs of an earlier server's jobs, which no one can reach
-        os.makedirs(jobs_dir, mode=0o700)
+        os.makedirs(jobs_dir, mode=0o700, exist_ok=True)
         self.sandbox, self.policy = sandbox, policy
+        self.retention = retention or Retention()
+        self.space = DiskSpace(jobs_dir, min_free)
+        self._jobs = {}   # id -> Job, in the order they started
+        self._ended = {}  # id -> Job, of those ended, in the order they ended: retention removes the first first
+        self._numbered = 0
+        self._lock = threading.Lock()
+        self._no_start_under_way = threading.Condition(self._lock)
+        self._retention_due = threading.Condition(self._lock)
+        self._starting = 0
+        self._closed = False
+        restored = load_jobs(jobs_dir)  # before any init of ours makes a directory there
+        for job in sorted(restored, key=lambda job: job.started_at):
+            self._add(job)
+        self._ended = {job.id: job for job in sorted(restored, key=lambda job: job.outcome.ended_at)}
         self.pool = InitPool(sandbox, jobs_dir)
         # One job's teardown (cgroup reads and removal, the init's release) never holds up another job's output.
         self._teardown = futures.ThreadPoolExecutor(1, initializer=name_this_thread, initargs=("teardown",))
-        self._pump = OutputPump(lambda job: self._teardown.submit(job.end))
-        self._jobs = {}  # id -> Job, oldest first
-        self._lock = threading.Lock()
-        self._no_start_under_way = threading.Condition(self._lock)
-        self._starting = 0
-        self._closed = False
+        self._pump = OutputPump(lambda job: self._teardown.submit(self._finish, job), max_output, self.space)
+        self._syncer = futures.ThreadPoolExecutor(1, initializer=name_this_thread, initargs=("records",))
+        self._retainer = threading.Thread(target=self._retain, name="retention", daemon=True)
+        self._retainer.start()
 
     def start(self, owner, command, limits, env, working_directory):
         """Starts a job: `env` holds the client's variables, on top of the base environment."""
@@ -665,6 +749,7 @@ class JobManager:
             raise Refused("INVALID_ARGUMENT", f"the working directory must be an absolute path, not "
                                               f"{working_directory[:256]!r}")
         limits = self.policy.resolve(limits)
+        self.space.check()
         with self._under_way():
             try:
                 init = self.pool.take()
@@ -673,14 +758,36 @@ class JobManager:
                     out_r, err_r = init.start(command, limits, {**self.sandbox.environment, **env}, working_directory)
                     undo.callback(os.close, out_r)
                     undo.callback(os.close, err_r)
-                    job = Job(init, owner, command, env, working_directory)
+                    job = Job.started(init, owner, command, env, working_directory)
+                    job.save(synced=False)  # RUNNING: should the server crash, the next one finds the job LOST
                     self._pump.watch(job, out_r, err_r)
                     undo.pop_all()
             except OSError as e:
-                raise Refused("UNAVAILABLE", f"cannot start the job: {e}") from None
+                full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+                raise Refused("RESOURCE_EXHAUSTED" if full else "UNAVAILABLE", f"cannot start the job: {e}") from None
             with self._lock:
-                self._jobs[job.id] = job
+                self._add(job)
         return job
+
+    def sync(self, job):
+        """Flushes a Start's record to the disk, on a thread of its own, once the Start has answered."""
+        try:
+            self._syncer.submit(self._sync, job)
+        except RuntimeError:  # the manager has shut down since
+            self._sync(job)
+
+    @staticmethod
+    def _sync(job):
+        if not job.ended.is_set():  # else its final record, synced, has replaced it: a short job costs no flush more
+            sync_record(job.log.directory)
+
+    def _add(self, job):
+        """Numbers a job, for List's pages, and takes it in (under the lock)."""
+        self._numbered += 1
+        job.number = self._numbered
+        self._jobs[job.id] = job
+        if job.ended.is_set():  # it ended before it was added: _finish did not find it
+            self._ended[job.id] = job
 
     @contextlib.contextmanager
     def _under_way(self):
@@ -704,20 +811,78 @@ class JobManager:
         with self._lock:
             return list(reversed(self._jobs.values()))
 
+    def page(self, wanted, before, count):
+        """Up to `count` jobs that `wanted` accepts, newest first, of those numbered below `before` (None: all); and
+        whether more follow."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        if before is not None:
+            jobs = jobs[:bisect.bisect_left(jobs, before, key=lambda job: job.number)]
+        found = []
+        for job in reversed(jobs):
+            if wanted(job):
+                if len(found) == count:
+                    return found, True
+                found.append(job)
+        return found, False
+
     def stop(self, job, grace=DEFAULT_STOP_GRACE):
         """Ends `job` (SIGTERM, then SIGKILL after `grace` seconds) and returns once every process of it is gone."""
         self._end([job], grace)
+
+    def remove(self, job):
+        """Removes an ended job and its output now; a stream of it ends."""
+        if job.outcome is None:
+            raise Refused("FAILED_PRECONDITION", f"job {job.id} is running: stop it first")
+        job.ended.wait()  # a stream may tell a job's end before the teardown has written its final record
+        with self._lock:
+            if self._jobs.get(job.id) is not job:
+                raise Refused("NOT_FOUND", f"no job {job.id}")  # removed by another call, or by retention
+            self._forget(job)
+        job.log.remove()
+
+    def _forget(self, job):
+        del self._jobs[job.id]
+        self._ended.pop(job.id, None)
+
+    def _finish(self, job):
+        """On the teardown thread, once the job's init has exited: how it ended, its final record, and retention."""
+        job.end()
+        with self._lock:
+            if self._jobs.get(job.id) is job:  # not yet added (_add does it then), or removed already
+                self._ended[job.id] = job
+                self._retention_due.notify()
+
+    def _retain(self):
+        """The retention thread: removes the ended jobs past the retention's bounds, at start, after each job's end,
+        and when the oldest comes of age; on a thread of its own, so that no request waits for a removal."""
+        name_this_thread("retention")
+        while True:
+            with self._lock:
+                expired, due = self.retention.expired(self._ended, time.time())
+                while not expired and not self._closed:
+                    self._retention_due.wait(None if due is None else max(0.0, due - time.time()))
+                    expired, due = self.retention.expired(self._ended, time.time())
+                if self._closed:
+                    return
+                for job in expired:
+                    self._forget(job)
+            for job in expired:
+                job.log.remove()
 
     def shutdown(self):
         """Stops every running job, waits for them, and releases everything the manager holds; bounded in time."""
         with self._lock:
             self._closed = True
+            self._retention_due.notify()
         self.pool.close()  # a Start waiting for an init fails now; one that has its init ends within its deadline
         with self._lock:
             self._no_start_under_way.wait_for(lambda: not self._starting)
         self._end(self.jobs(), SHUTDOWN_GRACE)
         self._pump.stop()
-        self._teardown.shutdown(wait=True)
+        self._teardown.shutdown(wait=True)  # every job's final record is written
+        self._syncer.shutdown(wait=True)
+        self._retainer.join()
         self.pool.launcher.close()  # last: it kills what a job without a PID namespace leaves when its init is killed
         if self.sandbox.cgroups:
             self.sandbox.cgroups.close()
@@ -760,26 +925,115 @@ def check_variables(env):
                                           f"{MAX_VARIABLES_BYTES} a job may be given")
 
 
-class Outcome:
-    """How a job ended: its state, the command's exit code or the signal that ended it, and what it used."""
+class Retention:
+    """How many ended jobs are kept, and for how long: past either bound the oldest go; running jobs are never
+    removed."""
 
-    def __init__(self, state, exit_code, sig, usage):
+    def __init__(self, keep_jobs=DEFAULT_KEEP_JOBS, keep_for=DEFAULT_KEEP_FOR):
+        self.keep_jobs, self.keep_for = keep_jobs, keep_for
+
+    def expired(self, ended, now):
+        """Of `ended` (id -> Job, the oldest first), the jobs to remove now; and when the next will be due (or None)."""
+        expired, excess = [], len(ended) - self.keep_jobs
+        for job in ended.values():
+            if len(expired) >= excess and job.outcome.ended_at + self.keep_for > now:
+                return expired, job.outcome.ended_at + self.keep_for
+            expired.append(job)
+        return expired, None
+
+
+class DiskSpace:
+    """The data directory's free space: a Start is refused while it is under the reserve (--min-free), and a full
+    disk is logged once, however many jobs' output it refuses, until a Start finds room again."""
+
+    def __init__(self, path, min_free):
+        self.path = path
+        stat = os.statvfs(path)
+        self.reserve = (int(stat.f_blocks * stat.f_frsize * float(min_free[:-1]) / 100) if min_free.endswith("%")
+                        else parse_size(min_free))
+        self._full = False
+        self._lock = threading.Lock()
+
+    def check(self):
+        stat = os.statvfs(self.path)
+        free = stat.f_bavail * stat.f_frsize
+        if free < self.reserve:
+            raise Refused("RESOURCE_EXHAUSTED", f"the data directory has {free} bytes free, under this server's "
+                                                f"reserve of {self.reserve} (--min-free): remove ended jobs")
+        with self._lock:
+            if self._full:
+                self._full = False
+                logging.info("the data directory has room again (%d bytes free)", free)
+
+    def full(self, job_id):
+        """From the output pump: the disk refused a job's output."""
+        with self._lock:
+            if self._full:
+                return
+            self._full = True
+        logging.error("the data directory's file system is full (job %s's output was refused): job output is dropped, "
+                      "and counted in each job's status, and Starts are refused under the reserve", job_id)
+
+
+class Outcome:
+    """How a job ended: its state, the command's exit code or the signal that ended it, what it used, and when."""
+
+    __slots__ = ("state", "exit_code", "signal", "usage", "ended_at")
+
+    def __init__(self, state, exit_code, sig, usage, ended_at=None):
         self.state, self.exit_code, self.signal, self.usage = state, exit_code, sig, usage
-        self.ended_at = time.time()
+        self.ended_at = time.time() if ended_at is None else ended_at
+
+
+RECORD, RECORD_VERSION = "record.json", 1  # a job's record in its directory, and the record's format
 
 
 class Job:
-    """One command run for a client: who owns it, its init, its output, and how it ended."""
+    """One command run for a client: who owns it, what confines it, its output, how it ended, and its init while it
+    runs. Its record on disk holds the same, so that it outlives the server."""
 
-    def __init__(self, init, owner, command, env, working_directory):
-        self.id, self.log, self.init = init.id, init.log, init
-        self.owner, self.command, self.env, self.working_directory = owner, list(command), env, working_directory
-        self.started_at = time.time()
+    __slots__ = ("id", "log", "init", "owner", "command", "env", "working_directory", "pid", "isolation",
+                 "started_at", "outcome", "stop_requested", "ended", "number", "_waiters", "_waiters_lock")
+
+    def __init__(self, job_id, log, owner, command, env, working_directory, pid, isolation, started_at, init=None):
+        self.id, self.log, self.init = job_id, log, init
+        self.owner, self.command, self.env, self.working_directory = owner, command, env, working_directory
+        self.pid, self.isolation = pid, isolation
+        self.started_at = started_at
         self.outcome = None  # set once, when the job has ended, and never changed
         self.stop_requested = False
         self.ended = threading.Event()
         self._waiters = set()  # the Events of Wait calls, set when the job ends
         self._waiters_lock = threading.Lock()
+        self.number = 0  # its place in the manager's order of Starts (List's pages)
+
+    @classmethod
+    def started(cls, init, owner, command, env, working_directory):
+        """A job whose command its init has just started: `env` holds the client's variables alone."""
+        return cls(init.id, init.log, owner, list(command), dict(env), working_directory, init.command_pid,
+                   init.isolation(), time.time(), init)
+
+    @classmethod
+    def restored(cls, record, log):
+        """A job of an earlier server, from its record. One that ran when that server ended is LOST, then: its
+        processes ended with it (each init ends its job when the server goes), after its last output."""
+        if record.get("version") != RECORD_VERSION:
+            raise ValueError(f"record format {record.get('version')!r} (this server reads {RECORD_VERSION})")
+        job = cls(record["job_id"], log, record["owner"], record["command"], record["env"],
+                  record["working_directory"], record["pid"], record["isolation"], record["started_at"])
+        if record["state"] == "RUNNING":
+            job.outcome = Outcome("LOST", None, 0, {}, max(os.stat(log.paths[0]).st_mtime, job.started_at))
+        else:
+            job.outcome = Outcome(record["state"], record["exit_code"], record["signal"], record["usage"],
+                                  record["ended_at"])
+        log.dropped = record["output_dropped_bytes"]
+        job.status()  # a record that cannot make a status is unreadable: found now, not by a Query
+        job.ended.set()  # before anyone can wait for it: a Wait returns at once
+        return job
+
+    @property
+    def state(self):
+        return self.outcome.state if self.outcome else "RUNNING"
 
     def end(self):
         """Called once the init has exited and the job's output is in its log: records how the job ended."""
@@ -799,11 +1053,16 @@ class Job:
         else:
             state = "EXITED"
         self.outcome = Outcome(state, exit_code, sig, usage)
-        self.log.close()  # after the outcome is set, so that a stream's last message carries it
-        with self._waiters_lock:
-            self.ended.set()
-            for woken in self._waiters:
-                woken.set()
+        try:
+            self.log.close()  # after the outcome is set, so that a stream's last message carries it
+            self.save()
+        except OSError as e:  # the job has ended all the same; a later server would find it LOST
+            logging.error("job %s: cannot write its final record: %s", self.id, e)
+        finally:
+            with self._waiters_lock:
+                self.ended.set()
+                for woken in self._waiters:
+                    woken.set()
 
     def wait(self, woken):
         """Returns once the job has ended, or `woken` (a threading.Event) has been set by someone else."""
@@ -817,13 +1076,26 @@ class Job:
             with self._waiters_lock:
                 self._waiters.discard(woken)
 
+    def save(self, synced=True):
+        """Writes the job's record, as its status says it (see write_record)."""
+        outcome = self.outcome
+        write_record(self.log.directory, synced=synced, record={
+            "version": RECORD_VERSION, "job_id": self.id, "owner": self.owner, "command": self.command,
+            "env": self.env, "working_directory": self.working_directory, "pid": self.pid,
+            "isolation": self.isolation, "started_at": self.started_at, "state": self.state,
+            "exit_code": outcome.exit_code if outcome else None, "signal": outcome.signal if outcome else 0,
+            "ended_at": outcome.ended_at if outcome else None, "usage": outcome.usage if outcome else {},
+            "output_bytes": self.log.size, "output_dropped_bytes": self.log.dropped})
+
     def status(self):
         outcome = self.outcome
         usage = outcome.usage if outcome else self.init.usage()
-        status = pb.JobStatus(job_id=self.id, owner=self.owner, command=self.command, pid=self.init.command_pid,
-                              state=pb.JobState.Value(outcome.state if outcome else "RUNNING"),
-                              output_bytes=self.log.size, usage=pb.Usage(**usage), isolation=self.init.isolation(),
-                              env=self.env, working_directory=self.working_directory)
+        isolation = dict(self.isolation, limits=pb.Limits(**self.isolation["limits"]))
+        status = pb.JobStatus(job_id=self.id, owner=self.owner, command=self.command, pid=self.pid,
+                              state=pb.JobState.Value(self.state), output_bytes=self.log.size,
+                              output_dropped_bytes=self.log.dropped, usage=pb.Usage(**usage),
+                              isolation=pb.Isolation(**isolation), env=self.env,
+                              working_directory=self.working_directory)
         status.started_at.FromNanoseconds(int(self.started_at * 1e9))
         if outcome:
             status.ended_at.FromNanoseconds(int(outcome.ended_at * 1e9))
@@ -831,6 +1103,84 @@ class Job:
             if outcome.exit_code is not None:
                 status.exit_code = outcome.exit_code
         return status
+
+
+def write_record(directory, record, synced=True):
+    """Replaces a job's record with a new file renamed over it, so that a server killed at any moment leaves one
+    record or the other, whole. `synced`: the new file reaches the disk before the rename and the directory after it,
+    so that a power loss does too; otherwise sync_record() follows (a Start's record: two flushes would double the
+    Start's time)."""
+    temporary = os.path.join(directory, RECORD + ".new")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, json.dumps(record).encode())
+            if synced:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, os.path.join(directory, RECORD))
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    if synced:
+        _fsync(directory)
+
+
+def sync_record(directory):
+    """Flushes a record written unsynced, and its directory, to the disk (unless its job has been removed since)."""
+    try:
+        _fsync(os.path.join(directory, RECORD))
+        _fsync(directory)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        logging.error("cannot sync the record in %s: %s", directory, e)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_jobs(jobs_dir):
+    """The jobs earlier servers left in `jobs_dir`, from their records (those LOST written again as such). A
+    directory without a record was an unused init's (or a failed Start's), and is removed; a record that cannot be
+    read is logged, and its directory left alone."""
+    jobs = []
+    for entry in os.scandir(jobs_dir):
+        try:
+            record = json.loads(_read_bytes(os.path.join(entry.path, RECORD)))
+        except FileNotFoundError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            continue
+        except (OSError, ValueError) as e:
+            logging.error("job %s: cannot read its record, skipped: %s", entry.name, e)
+            continue
+        try:
+            if not isinstance(record, dict) or record.get("job_id") != entry.name:
+                raise ValueError("it is not the record of the job its directory is named for")
+            job = Job.restored(record, OutputLog(entry.path, existing=True))
+            if record["state"] == "RUNNING":
+                job.save(synced=False)  # all flushed at once, below
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            logging.error("job %s: cannot read its record, skipped: %s", entry.name, e)
+            continue
+        jobs.append(job)
+    lost = sum(job.state == "LOST" for job in jobs)
+    if lost:
+        fd = os.open(jobs_dir, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            libc("syncfs", fd)  # one flush for every LOST record written
+        finally:
+            os.close(fd)
+    if jobs:
+        logging.info("%d jobs of earlier servers loaded (%d lost)", len(jobs), lost)
+    return jobs
 
 
 class LimitPolicy:
@@ -1535,9 +1885,10 @@ class InitHandle:
             self.log.remove()
 
     def isolation(self):
+        """What confines the job, as the fields of a status's Isolation (limits: those of Limits)."""
         sandbox = self.sandbox
-        return pb.Isolation(mode=sandbox.mode, cgroup=sandbox.cgroups.version if self.group else "",
-                            namespaces=sandbox.namespaces, limits=pb.Limits(**self.applied), user=sandbox.user)
+        return {"mode": sandbox.mode, "cgroup": sandbox.cgroups.version if self.group else "",
+                "namespaces": list(sandbox.namespaces), "limits": dict(self.applied), "user": sandbox.user}
 
 
 def _plausible(report):
@@ -1849,13 +2200,15 @@ class OutputPump:
 
     Level-triggered epoll and large splices: a quiet job costs nothing, and a busy one is taken in a MiB at a time.
     Once a job's init has exited, what is left in the job's pipes is taken in (no more: a process elsewhere may still
-    hold them) and the job is handed to `on_end`, which must not keep this thread.
+    hold them) and the job is handed to `on_end`, which must not keep this thread. Output past `max_output` bytes, or
+    refused by the disk, is drained into /dev/null and counted: a job is never blocked or killed for its output.
     """
 
     SPLICE = 1 << 20  # bytes moved at most in one splice(), and the pipe size asked for
 
-    def __init__(self, on_end):
-        self._on_end = on_end
+    def __init__(self, on_end, max_output=DEFAULT_MAX_OUTPUT, space=None):
+        self._on_end, self._max_output, self._space = on_end, max_output, space
+        self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self._epoll = select.epoll()
         self._lock = threading.Lock()
         self._watched = {}  # fd -> (job, source): a pipe, or (job, None) for the init's pidfd
@@ -1885,7 +2238,7 @@ class OutputPump:
     def stop(self):
         os.write(self._stop_w, b"x")
         self._thread.join()
-        for fd in (self._stop_r, self._stop_w):
+        for fd in (self._stop_r, self._stop_w, self._null):
             os.close(fd)
         self._epoll.close()
 
@@ -1911,14 +2264,27 @@ class OutputPump:
                 os.close(fd)
 
     def _take(self, job, fd, source):
-        """Moves what waits in a pipe into the job's log; False once the pipe has ended, or the log cannot take it
-        (a full disk, say: the job's writes then fail, and it ends)."""
+        """Moves what waits in a pipe into the job's log, or drops it (past the cap, or once the disk has refused the
+        job's output: what is kept is always the start of the output); False once the pipe has ended."""
+        log, room = job.log, self._max_output - job.log.size
         try:
-            return job.log.take_from(source, fd, self.SPLICE) > 0
+            if log.dropping or room <= 0:
+                return log.drop_from(fd, self._null, self.SPLICE) > 0
+            try:
+                return log.take_from(source, fd, min(room, self.SPLICE)) > 0
+            except BlockingIOError:  # nothing waits: not the disk's refusal
+                raise
+            except OSError as e:  # what the pipe holds is drained at the next wakeup
+                log.dropping = True
+                if e.errno in (errno.ENOSPC, errno.EDQUOT) and self._space:
+                    self._space.full(job.id)
+                else:
+                    logging.error("job %s: cannot keep its output, which is dropped from now on: %s", job.id, e)
+                return True
         except BlockingIOError:
             return True
         except OSError as e:
-            logging.error("job %s: cannot keep its output: %s", job.id, e)
+            logging.error("job %s: cannot drain its output: %s", job.id, e)
             return False
 
     def _unwatch(self, job, fd):
@@ -1950,17 +2316,30 @@ def _enlarge_pipe(fd, size):
 class OutputLog:
     """A job's output on disk: every byte in arrival order (`output`), and where each run of one stream begins (`runs`).
 
-    One writer (the pump) appends; `size`, `runs` and `closed` change under `cond`, which wakes the readers. The log
-    leaves the page cache behind its writer, and behind each reader, WINDOW bytes at a time: a job that writes
-    gigabytes does not push the host's own files out of memory.
+    One writer (the pump) appends; `size`, `runs`, `closed` and `removed` change under `cond`, which wakes the
+    readers. The log leaves the page cache behind its writer, and behind each reader, WINDOW bytes at a time: a job
+    that writes gigabytes does not push the host's own files out of memory. What the pump drops is counted in
+    `dropped`.
     """
 
     RUN = struct.Struct("<QB")  # the offset where a run begins, and its source (STDOUT or STDERR)
     WINDOW = 8 << 20
 
-    def __init__(self, directory):
+    def __init__(self, directory, existing=False):
+        """A new log, in a new directory; or, `existing`, one an earlier server left there, to read."""
         self.directory = directory
         self.paths = (os.path.join(directory, "output"), os.path.join(directory, "runs"))
+        self._output = self._runs = self._source = None
+        self._written_back = self._uncached = 0  # where the window handed to the disk last ends; what left memory
+        self.size = self.runs = self.dropped = 0
+        self.dropping = False  # the disk refused some of the output: the rest is dropped
+        self.closed = self.removed = False
+        self.cond = threading.Condition()
+        if existing:
+            self.size = os.stat(self.paths[0]).st_size
+            self.runs = self._runs_within(self.size)
+            self.closed = True
+            return
         os.mkdir(directory, 0o700)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
@@ -1973,22 +2352,28 @@ class OutputLog:
         except OSError:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        self._source = None
-        self._written_back = self._dropped = 0  # where the window handed to the disk last ends; what left memory
-        self.size = self.runs = 0
-        self.closed = False
-        self.cond = threading.Condition()
+
+    def _runs_within(self, size):
+        """The runs of an existing log that begin within its output: a server that ended while it wrote (a crash)
+        may have begun a run it wrote nothing of."""
+        with open(self.paths[1], "rb") as runs:
+            count = os.fstat(runs.fileno()).st_size // self.RUN.size
+            while count and RunIndex(runs.fileno(), count)[count - 1][0] >= size:
+                count -= 1
+        if size and not count:
+            raise ValueError("its output has no runs")
+        return count
 
     def take_from(self, source, pipe, limit):
         """Moves up to `limit` bytes waiting in `pipe` into the log, inside the kernel: returns how many (0: the pipe
         has ended); BlockingIOError if none wait."""
+        new_run = source != self._source
+        if new_run:  # before the bytes, so that no byte on disk is without its run, whenever the server may end
+            os.pwrite(self._runs, self.RUN.pack(self.size, source), self.runs * self.RUN.size)
         count = os.splice(pipe, self._output, limit, offset_dst=self.size, flags=os.SPLICE_F_NONBLOCK)
         if not count:
             return 0
-        new_run = source != self._source
-        if new_run:
-            os.pwrite(self._runs, self.RUN.pack(self.size, source), self.runs * self.RUN.size)
-            self._source = source
+        self._source = source
         with self.cond:  # readers see the bytes and their run only now, once both are in the files
             self.size += count
             self.runs += new_run
@@ -1997,26 +2382,42 @@ class OutputLog:
             self._write_back()
         return count
 
+    def drop_from(self, pipe, sink, limit):
+        """Drains up to `limit` bytes waiting in `pipe` into `sink` (/dev/null), counted as dropped: returns how many
+        (0: the pipe has ended); BlockingIOError if none wait."""
+        count = os.splice(pipe, sink, limit, flags=os.SPLICE_F_NONBLOCK)
+        self.dropped += count
+        return count
+
     def _write_back(self):
         """Hands the latest window to the disk, and drops from memory the one before, which is written by now."""
         start, end = self._written_back, self.size
         _libc.sync_file_range(self._output, ctypes.c_int64(start), ctypes.c_int64(end - start),
                               SYNC_FILE_RANGE_WRITE)
-        _libc.sync_file_range(self._output, ctypes.c_int64(self._dropped), ctypes.c_int64(start - self._dropped),
+        _libc.sync_file_range(self._output, ctypes.c_int64(self._uncached), ctypes.c_int64(start - self._uncached),
                               SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER)
-        drop_from_memory(self._output, self._dropped, start)
-        self._dropped, self._written_back = start, end
+        drop_from_memory(self._output, self._uncached, start)
+        self._uncached, self._written_back = start, end
 
     def close(self):
-        os.close(self._output)
-        os.close(self._runs)
+        """No more output: the readers read what there is, and end."""
+        if self._output is not None:
+            with contextlib.suppress(OSError):  # a run begun and never written is no run
+                os.ftruncate(self._runs, self.runs * self.RUN.size)
+            os.close(self._output)
+            os.close(self._runs)
+            self._output = self._runs = None
         with self.cond:
             self.closed = True
             self.cond.notify_all()
 
     def remove(self):
-        """Deletes a log no job will own (its Start failed)."""
+        """Deletes the log, and the job's directory with it (the job was removed, or its Start failed): its readers
+        wake, and end."""
         self.close()
+        with self.cond:
+            self.removed = True
+            self.cond.notify_all()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -2027,7 +2428,8 @@ def drop_from_memory(fd, start, end):
 
 
 class LogReader:
-    """One reader's place in an OutputLog: iterating yields (source, offset, data) until the log is closed and read.
+    """One reader's place in an OutputLog: iterating yields (source, offset, data) until the log is closed and read,
+    or removed (its job was: the log's `removed` says so).
 
     Its files are open only while it is iterated, so a reader that is never started holds nothing.
     """
@@ -2044,16 +2446,21 @@ class LogReader:
 
     def __iter__(self):
         output_log = self._log
-        with open(output_log.paths[0], "rb", buffering=0) as output, \
-                open(output_log.paths[1], "rb", buffering=0) as runs_file:
+        with contextlib.ExitStack() as files:
+            try:
+                output, runs_file = (files.enter_context(open(path, "rb", buffering=0)) for path in output_log.paths)
+            except FileNotFoundError:
+                if output_log.removed:  # before the reader began
+                    return
+                raise
             dropped = self.offset
             run = source = run_end = None  # the run that holds offset, its source, and its end once another begins
             try:
                 while True:
                     with output_log.cond:
                         output_log.cond.wait_for(lambda: self.offset < output_log.size or output_log.closed
-                                                 or self.cancelled)
-                        if self.cancelled or self.offset >= output_log.size:
+                                                 or self.cancelled or output_log.removed)
+                        if self.cancelled or output_log.removed or self.offset >= output_log.size:
                             return
                         size, runs = output_log.size, RunIndex(runs_file.fileno(), output_log.runs)
                     if run is None:
@@ -2119,8 +2526,21 @@ class Client:
     def query(self, job_id):
         return self.stub.Query(pb.QueryRequest(job_id=job_id))
 
-    def list(self):
-        return list(self.stub.List(pb.ListRequest()).jobs)
+    def list(self, limit=None, state=None, owner=None):
+        """The newest `limit` jobs the caller may see (None: every one), in a state or of an owner if asked, newest
+        first; fetched a page at a time."""
+        jobs, token = [], ""
+        while limit is None or len(jobs) < limit:
+            size = MAX_LIST_PAGE_SIZE if limit is None else min(MAX_LIST_PAGE_SIZE, limit - len(jobs))
+            page = self.stub.List(pb.ListRequest(page_size=size, page_token=token, state=state, owner=owner))
+            jobs += page.jobs
+            token = page.next_page_token
+            if not token:
+                break
+        return jobs
+
+    def remove(self, job_id):
+        return self.stub.Remove(pb.RemoveRequest(job_id=job_id))
 
     def wait(self, job_id, retries=8):
         """The job's final status, once it has ended; if the connection drops, reconnects with backoff and waits on."""
@@ -2199,9 +2619,13 @@ def _cells(status, now):
         result = f"pid {status.pid}"
     started = status.started_at.ToNanoseconds() / 1e9
     ended = status.ended_at.ToNanoseconds() / 1e9 if status.HasField("ended_at") else now  # the client's clock
+    output = format_size(status.output_bytes)
+    if status.output_dropped_bytes:  # past the server's --max-output, or on a full disk
+        output += f" (+{format_size(status.output_dropped_bytes)} dropped)"
+    command = _printable(shlex.join(status.command)) + (" …" if status.command_truncated else "")  # List cut it
     return (status.job_id, pb.JobState.Name(status.state), result, _printable(status.owner),
             time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)), format_duration(max(0.0, ended - started)),
-            format_size(status.output_bytes), _printable(shlex.join(status.command)))
+            output, command)
 
 
 def format_duration(seconds):
@@ -2272,7 +2696,9 @@ def serve(args):
     # Blocked before any thread starts, so that every thread inherits the mask and only sigwait() below takes them: a
     # Python handler would run only when the main thread next runs bytecode, and it may be waiting on a lock.
     signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
-    server = Server(args.addr, args.cert, args.key, args.ca, args.data_dir, sandbox, policy)
+    server = Server(args.addr, args.cert, args.key, args.ca, args.data_dir, sandbox, policy,
+                    retention=Retention(args.keep_jobs, args.keep_for), max_output=args.max_output,
+                    min_free=args.min_free)
     logging.info("jobworker %s serving on %s (data in %s)", VERSION, args.addr, args.data_dir)
     print(f"listening on port {server.port}", flush=True)
     sig = signal.sigwait(SHUTDOWN_SIGNALS)
@@ -2430,6 +2856,9 @@ def _write_output(messages, end=None):
         if data:
             _write_all(outputs[message.source], data)
         if message.HasField("status"):
+            if message.status.output_dropped_bytes:
+                print(f"jobworker: {message.status.output_dropped_bytes} bytes more of the job's output were dropped "
+                      "(past the server's --max-output, or on a full disk)", file=sys.stderr)
             return exit_status(message.status)
         if end is not None and message.offset + len(data) >= end:
             return 0
@@ -2437,8 +2866,17 @@ def _write_output(messages, end=None):
 
 
 def cli_list(client, args):
-    jobs = client.list()
-    print(to_json(pb.ListResponse(jobs=jobs)) if args.json else "\n".join(table(jobs)))
+    state = pb.JobState.Value(args.state) if args.state else None
+    jobs = client.list(args.limit + 1 if args.limit else None, state, args.owner)  # one more: are there more?
+    shown = jobs[:args.limit] if args.limit else jobs
+    print(to_json(pb.ListResponse(jobs=shown)) if args.json else "\n".join(table(shown)))
+    if len(shown) < len(jobs):
+        print(f"jobworker: the newest {args.limit} shown; --limit N for more (0: all)", file=sys.stderr)
+    return 0
+
+
+def cli_remove(client, args):
+    client.remove(args.job_id)
     return 0
 
 
@@ -2476,6 +2914,24 @@ def _variable(text):
     return key, value
 
 
+def _duration(text):
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _min_free(text):
+    """serve's --min-free: a size, or a share of the file system ('2%')."""
+    try:
+        if text.endswith("%") and 0 <= float(text[:-1]) < 100:
+            return text
+        parse_size(text)
+        return text
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size or a percentage under 100: {text!r}") from None
+
+
 def _limit_option(text):
     """LIMIT=VALUE of serve's --default and --max: (the Limits field, the value)."""
     name, _, value = text.partition("=")
@@ -2508,7 +2964,7 @@ def build_parser():
     parser = Parser(prog="jobworker.py", description="Run Linux commands for remote clients, safely.")
     parser.add_argument("--version", action="version", version=f"jobworker {VERSION}", help="say which version this is")
     commands = parser.add_subparsers(dest="action", required=True,
-                                     metavar="{serve,run,start,stop,query,stream,wait,list}")
+                                     metavar="{serve,run,start,stop,query,stream,wait,list,remove}")
 
     serve_ = commands.add_parser("serve", help="run the service")
     serve_.add_argument("--addr", default="127.0.0.1:7777", help="HOST:PORT to listen on (port 0: any free one)")
@@ -2525,6 +2981,16 @@ def build_parser():
                                 ("--max", "maxima", "the most a job may ask for")):
         serve_.add_argument(flag, dest=dest, action="append", type=_limit_option, default=[], metavar="LIMIT=VALUE",
                             help=f"{summary}; LIMIT is one of {', '.join(LIMIT_OPTIONS)} (repeatable)")
+    serve_.add_argument("--keep-jobs", type=_number(int, 0, 1 << 31), default=DEFAULT_KEEP_JOBS, metavar="N",
+                        help=f"ended jobs kept with their output, the oldest removed first "
+                             f"(default {DEFAULT_KEEP_JOBS})")
+    serve_.add_argument("--keep-for", type=_duration, default=DEFAULT_KEEP_FOR, metavar="DURATION",
+                        help="how long an ended job is kept, e.g. 36h (s, m, h, d; default 7d)")
+    serve_.add_argument("--max-output", type=_number(parse_size, 0, UINT64_MAX), default=DEFAULT_MAX_OUTPUT,
+                        metavar="SIZE", help="output kept per job; the rest is dropped and counted (default 1G)")
+    serve_.add_argument("--min-free", type=_min_free, default=DEFAULT_MIN_FREE, metavar="SIZE|N%",
+                        help=f"free space in the data directory under which Starts are refused "
+                             f"(default {DEFAULT_MIN_FREE})")
 
     run = _client_command(commands, "run", cli_run, "start a job, write its output and exit with its status; "
                           "Ctrl-C stops it, a second Ctrl-C kills it")
@@ -2564,8 +3030,16 @@ def build_parser():
     wait.add_argument("--json", action="store_true", help="print its final status as JSON")
     wait.add_argument("job_id", metavar="JOB_ID", help="the job")
 
-    listing = _client_command(commands, "list", cli_list, "list the jobs you may see")
+    listing = _client_command(commands, "list", cli_list, "list the jobs you may see, newest first")
     listing.add_argument("--json", action="store_true", help="as JSON")
+    listing.add_argument("--limit", type=_number(int, 0, 1 << 31), default=50, metavar="N",
+                         help="the newest N jobs (default 50; 0: all)")
+    states = [name for name in pb.JobState.keys() if name != "JOB_STATE_UNSPECIFIED"]
+    listing.add_argument("--state", type=str.upper, choices=states, help="only jobs in this state")
+    listing.add_argument("--owner", metavar="NAME", help="only this owner's jobs (the CN of its certificate)")
+
+    remove = _client_command(commands, "remove", cli_remove, "remove an ended job and its output")
+    remove.add_argument("job_id", metavar="JOB_ID", help="the job")
     return parser
 
 

@@ -136,12 +136,13 @@ def tls_context(pki, who="admin", version=None):
 
 
 class Server:
-    """`python jobworker.py serve` on a free loopback port, in its own process."""
+    """`python jobworker.py serve` on a free loopback port, in its own process; its data in DIRECTORY/data unless
+    `data_dir` says (that of an earlier server, say)."""
 
-    def __init__(self, pki, directory, *options, prefix=()):
+    def __init__(self, pki, directory, *options, prefix=(), data_dir=None):
         self.pki = pki
         os.makedirs(directory, exist_ok=True)
-        self.data_dir = os.path.join(directory, "data")
+        self.data_dir = data_dir or os.path.join(directory, "data")
         self.log_path = os.path.join(directory, "server.log")
         self.log = open(self.log_path, "wb")
         cert, key = pki.server
@@ -759,15 +760,335 @@ def test_audit_log_records_every_start_and_stop(server, admin):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# History: each job's record, a restart, retention, Remove, the output cap, a full disk, List's pages
+# ---------------------------------------------------------------------------------------------------------------------
+
+def job_dir(server, job_id):
+    return os.path.join(server.data_dir, "jobs", job_id)
+
+
+def read_record(server, job_id):
+    with open(os.path.join(job_dir(server, job_id), "record.json")) as f:
+        return json.load(f)
+
+
+def write_record(server, job_id, record):
+    with open(os.path.join(job_dir(server, job_id), "record.json"), "w") as f:
+        json.dump(record, f)
+
+
+def tagged_output(stub, job_id):
+    """Every byte of a job's output with its source, in arrival order."""
+    return [(m.source, byte) for m in stub.Stream(pb.StreamRequest(job_id=job_id), timeout=60) for byte in m.data]
+
+
+def assert_streams_from_every_offset(stub, job_id, tagged, status):
+    for offset in range(len(tagged) + 1):
+        ran = read_stream(stub, job_id, offset)
+        assert ran.out == bytes(b for source, b in tagged[offset:] if source == pb.StreamResponse.STDOUT), offset
+        assert ran.err == bytes(b for source, b in tagged[offset:] if source == pb.StreamResponse.STDERR), offset
+        assert ran.status == status
+    assert status_of(lambda: read_stream(stub, job_id, len(tagged) + 1)).code == Code.OUT_OF_RANGE
+
+
+def audit_entries(server):
+    with open(os.path.join(server.data_dir, "audit.log")) as f:
+        return [json.loads(line) for line in f]
+
+
+BINARY_JOB = py("import sys\ndata = bytes(range(256)) * 64\nsys.stdout.buffer.write(data); sys.stdout.flush()\n"
+                "sys.stderr.buffer.write(data[::-1])\nraise SystemExit(3)")
+
+
+def test_restart_after_sigterm_keeps_every_job_and_the_running_one_says_it_was_stopped(pki, tmp_path,
+                                                                                        job_directory):
+    first = Server(pki, str(tmp_path / "first"))
+    admin = first.client()
+    small = admin.start(["sh", "-c", "printf abc; printf DEF >&2; printf ghi; exit 3"], env={"GREETING": "hi"},
+                        working_directory=job_directory)
+    binary = admin.start(BINARY_JOB)
+    before = {job_id: read_stream(admin.stub, job_id) for job_id in (small, binary)}
+    tagged = tagged_output(admin.stub, small)
+    running = admin.start(["sh", "-c", "echo ready; exec sleep 600"])
+    wait_for_output(admin.stub, running, b"ready\n")
+    audited = audit_entries(first)
+    assert first.stop() == 0
+
+    second = Server(pki, str(tmp_path / "second"), data_dir=first.data_dir)
+    admin = second.client()
+    for job_id, ran in before.items():
+        assert admin.query(job_id) == ran.status
+        assert read_stream(admin.stub, job_id)[:2] == ran[:2]  # stdout and stderr, byte-exact and apart
+        assert admin.stub.Wait(pb.WaitRequest(job_id=job_id), timeout=10) == ran.status  # at once: it has ended
+    assert dict(before[small].status.env) == {"GREETING": "hi"}
+    assert before[small].status.working_directory == job_directory
+    assert_streams_from_every_offset(admin.stub, small, tagged, before[small].status)
+    stopped = read_stream(admin.stub, running)
+    assert stopped.out == b"ready\n" and stopped.status.state == pb.STOPPED
+    assert stopped.status.signal == signal.SIGTERM and stopped.status.ended_at.seconds > 0
+    assert [status.job_id for status in admin.list()] == [running, binary, small]
+    admin.stop(running)  # an ended job: audited by the second server, after the first's entries
+    entries = audit_entries(second)
+    assert entries[:len(audited)] == audited and [e["job_id"] for e in audited if e["action"] == "start"] == \
+        [small, binary, running]
+    assert entries[-1]["action"] == "stop" and entries[-1]["job_id"] == running
+
+
+def test_restart_after_sigkill_finds_the_running_job_lost_with_its_output(pki, tmp_path, gate):
+    first = Server(pki, str(tmp_path / "first"))
+    admin = first.client()
+    ended = read_stream(admin.stub, admin.start(BINARY_JOB))
+    label = marker()
+    running = admin.start(py(f"# {label}\nimport sys\nsys.stdout.write('to out\\n'); sys.stdout.flush()\n"
+                             f"sys.stderr.write('to err\\n'); sys.stderr.flush()\n" + gate.hold(before="")))
+    assert wait_until(lambda: admin.query(running).output_bytes == 14)
+    pidfds = [os.pidfd_open(pid) for pid in processes_with(label)]
+    assert pidfds
+    jobs_dir = os.path.join(first.data_dir, "jobs")
+    unused = {name for name in os.listdir(jobs_dir) if not os.path.exists(os.path.join(jobs_dir, name, "record.json"))}
+    assert unused, "the first server had no ready init: the test proves nothing about their directories"
+    first.stop(signal.SIGKILL)
+    for pidfd in pidfds:
+        assert select.select([pidfd], [], [], 30)[0], "a job outlived its server"
+        os.close(pidfd)
+
+    second = Server(pki, str(tmp_path / "second"), data_dir=first.data_dir)
+    admin = second.client()
+    lost = read_stream(admin.stub, running)
+    assert (lost.out, lost.err) == (b"to out\n", b"to err\n")
+    status = lost.status
+    assert status.state == pb.LOST and not status.HasField("exit_code") and status.output_bytes == 14
+    assert status.ended_at.ToNanoseconds() >= status.started_at.ToNanoseconds() > 0
+    assert admin.query(ended.status.job_id) == ended.status
+    assert read_stream(admin.stub, ended.status.job_id)[:2] == ended[:2]
+    assert not [s for s in admin.list() if s.state == pb.RUNNING], "a job of the killed server is said to run"
+    assert not unused & set(os.listdir(jobs_dir)), "the killed server's unused inits' directories were kept"
+    assert [e["job_id"] for e in audit_entries(second) if e["action"] == "start"] == [ended.status.job_id, running]
+    assert second.stop() == 0
+
+    third = Server(pki, str(tmp_path / "third"), data_dir=first.data_dir)  # the second wrote it down as LOST
+    assert third.client().query(running) == status
+    assert third.client().stub.Wait(pb.WaitRequest(job_id=running), timeout=10) == status
+
+
+def test_a_record_that_cannot_be_read_is_logged_and_skipped(pki, tmp_path):
+    first = Server(pki, str(tmp_path / "first"))
+    admin = first.client()
+    ids = [run_job(admin, ["echo", str(i)]).status.job_id for i in range(5)]
+    assert first.stop() == 0
+    with open(os.path.join(job_dir(first, ids[0]), "record.json"), "wb") as f:
+        f.write(b'{"version": 1, "job_id": ')  # cut short
+    write_record(first, ids[1], dict(read_record(first, ids[1]), version=99))
+    write_record(first, ids[2], dict(read_record(first, ids[2]), job_id=ids[3]))
+    write_record(first, ids[3], dict(read_record(first, ids[3]), state="HAPPY"))
+
+    second = Server(pki, str(tmp_path / "second"), data_dir=first.data_dir)
+    admin = second.client()
+    log = second.read_log()
+    for job_id in ids[:4]:
+        assert f"job {job_id}: cannot read its record, skipped" in log, log[-3000:]
+        assert status_of(lambda: admin.query(job_id)).code == Code.NOT_FOUND
+        assert os.path.isdir(job_dir(first, job_id)), "a record that could not be read was deleted"
+    assert "record format 99 (this server reads 1)" in log and "Traceback" not in log
+    assert read_stream(admin.stub, ids[4]).out == b"4\n"
+
+
+def test_retention_keeps_the_newest_ended_jobs_and_never_a_running_one(pki, tmp_path, gate):
+    server = Server(pki, str(tmp_path), "--keep-jobs", "2")
+    admin = server.client()
+    held = admin.start(py(gate.hold()))  # the oldest job, running throughout
+    wait_for_output(admin.stub, held, b"ready\n")
+    ended = [run_job(admin, ["echo", str(i)]).status.job_id for i in range(5)]
+    listed = lambda: [status.job_id for status in admin.list()]
+    assert wait_until(lambda: listed() == [ended[4], ended[3], held]), listed()
+    for job_id in ended[:3]:
+        assert status_of(lambda: admin.query(job_id)).code == Code.NOT_FOUND
+        assert wait_until(lambda: not os.path.exists(job_dir(server, job_id))), "a removed job's output was kept"
+    gate.open()
+    assert read_stream(admin.stub, held).status.exit_code == 0
+    assert wait_until(lambda: listed() == [ended[4], held]), listed()  # ended[3] ended before the held job
+    assert wait_until(lambda: not os.path.exists(job_dir(server, ended[3])))
+
+
+def test_retention_removes_jobs_ended_longer_ago_than_keep_for(pki, tmp_path):
+    first = Server(pki, str(tmp_path / "first"))
+    admin = first.client()
+    ids = [run_job(admin, ["echo", str(i)]).status.job_id for i in range(4)]
+    assert first.stop() == 0
+    now, day = time.time(), 86400
+    for job_id, ended_at in zip(ids, (now - 8 * day, now - 6 * day, now - 7 * day + 5, now)):
+        write_record(first, job_id, dict(read_record(first, job_id), ended_at=ended_at))
+
+    second = Server(pki, str(tmp_path / "second"), data_dir=first.data_dir)  # 7 days, the default
+    admin = second.client()
+    found = lambda job_id: status_of(lambda: admin.query(job_id)).code == OK
+    assert wait_until(lambda: not found(ids[0])), "a job ended 8 days ago was kept"
+    assert wait_until(lambda: not found(ids[2])), "a job was kept past its 7 days, with the server idle"
+    assert found(ids[1]) and found(ids[3])
+    kept = lambda: [os.path.exists(job_dir(first, job_id)) for job_id in ids]
+    assert wait_until(lambda: kept() == [False, True, False, True]), kept()
+    assert second.stop() == 0
+
+    third = Server(pki, str(tmp_path / "third"), "--keep-for", "5d", data_dir=first.data_dir)
+    admin = third.client()
+    assert wait_until(lambda: not found(ids[1])), "a job ended 6 days ago was kept for 5"
+    assert found(ids[3])
+
+
+def test_remove_for_each_role_and_a_running_job_refused(server):
+    clients = {role: server.client(role) for role in ("admin", "user", "user2", "observer")}
+    cases = [("admin", "user", OK), ("user", "user", OK), ("admin", "admin", OK), ("user", "admin", Code.NOT_FOUND),
+             ("user2", "user", Code.NOT_FOUND), ("observer", "admin", Code.PERMISSION_DENIED)]
+    for caller, owner, expected in cases:
+        job_id = run_job(clients[owner], ["echo", "x"]).status.job_id
+        removal = status_of(lambda: clients[caller].remove(job_id))
+        assert removal.code == expected, (caller, owner)
+        if expected == OK:
+            assert removal.response.job_id == job_id and removal.response.state == pb.EXITED
+            assert status_of(lambda: clients["admin"].query(job_id)).code == Code.NOT_FOUND
+            assert not os.path.exists(job_dir(server, job_id))
+            assert status_of(lambda: clients[caller].remove(job_id)).code == Code.NOT_FOUND
+        else:
+            assert clients["admin"].query(job_id).state == pb.EXITED
+    running = clients["user"].start(["sleep", "600"])
+    for role in ("admin", "user"):
+        assert status_of(lambda: clients[role].remove(running)).code == Code.FAILED_PRECONDITION
+    clients["user"].stop(running, force=True)
+    entries = [e for e in audit_entries(server) if e["action"] == "remove"]
+    assert {(e["who"], e["result"]) for e in entries} >= {("ada", "OK"), ("alice", "OK"), ("bob", "NOT_FOUND"),
+                                                          ("olivia", "PERMISSION_DENIED")}
+    assert entries[-1] == dict(entries[-1], who="alice", job_id=running, result="FAILED_PRECONDITION")
+    assert server.cli("remove", running).returncode == 0
+    assert status_of(lambda: clients["admin"].query(running)).code == Code.NOT_FOUND
+    refused = server.cli("remove", running)
+    assert refused.returncode == 1 and refused.stderr.decode().startswith("NOT_FOUND: ")
+
+
+def test_a_stream_of_a_job_removed_while_it_is_read_ends_with_not_found(admin):
+    size = 64 * MiB  # more than a stream's flow-control windows hold: the server is mid-stream at the removal
+    job_id = admin.start(["head", "-c", str(size), "/dev/zero"])
+    assert read_stream(admin.stub, job_id, keep=False).size == size
+    call = admin.stub.Stream(pb.StreamRequest(job_id=job_id), timeout=60)
+    received = len(next(call).data)
+    admin.remove(job_id)
+    with pytest.raises(grpc.RpcError) as ended:
+        for message in call:
+            received += len(message.data)
+    assert ended.value.code() == Code.NOT_FOUND and "removed" in ended.value.details()
+    assert received < size
+
+
+def test_output_past_the_cap_is_dropped_and_counted_and_the_job_runs_on(pki, tmp_path):
+    server = Server(pki, str(tmp_path), "--max-output", "1M")
+    admin = server.client()
+    command = py(PATTERN_JOB.format(blocks=3, size=MiB) + "out.flush()\nsys.stderr.write('end')\nraise SystemExit(7)")
+    ran = run_job(admin, command)
+    assert ran.status.exit_code == 7, "the job did not run to its end"
+    assert ran.out == pattern(3)[:MiB] and ran.err == b""
+    assert ran.status.output_bytes == MiB and ran.status.output_dropped_bytes == 2 * MiB + 3
+    assert os.path.getsize(output_path(server, ran.status.job_id)) == MiB
+    assert admin.query(ran.status.job_id) == ran.status
+    streamed = server.cli("stream", ran.status.job_id)
+    assert streamed.returncode == 7 and streamed.stdout == ran.out
+    assert streamed.stderr.decode() == f"jobworker: {2 * MiB + 3} bytes more of the job's output were dropped " \
+                                       "(past the server's --max-output, or on a full disk)\n"
+    header, row = server.cli("query", ran.status.job_id).stdout.decode().splitlines()
+    assert columns(row, header)[6] == "1.0 MiB (+2.0 MiB dropped)"  # the OUTPUT column: kept, and dropped
+
+
+@needs_root
+def test_a_full_disk_drops_output_refuses_starts_and_every_other_job_streams_on(pki, tmp_path, gate):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "jobworker-test", str(disk)], check=True)
+    try:
+        server = Server(pki, str(tmp_path / "server"), "--min-free", "2M", data_dir=str(disk / "data"))
+        try:
+            admin = server.client()
+            streamed = admin.start(py(PATTERN_JOB.format(blocks=1, size=MiB) + gate.hold(before="out.flush()\n")
+                                      + "print('after')"))
+            attached = threading.Barrier(2)
+            reader = Concurrently([lambda: read_stream(admin.stub, streamed, first=lambda: attached.wait(60))],
+                                  (attached,))
+            reader.meet(attached)
+            wait_for_output(admin.stub, streamed, pattern(1))
+            filler = run_job(admin, ["head", "-c", str(16 * MiB), "/dev/zero"])
+            status = filler.status
+            assert status.exit_code == 0 and status.output_bytes == filler.size == os.path.getsize(
+                output_path(server, status.job_id))
+            assert status.output_dropped_bytes > 0 and status.output_bytes + status.output_dropped_bytes == 16 * MiB
+            refused = pytest.raises(grpc.RpcError, admin.start, ["true"]).value
+            assert refused.code() == Code.RESOURCE_EXHAUSTED and "--min-free" in refused.details()
+            gate.open()
+            (ran,) = reader.results()
+            assert ran.out == pattern(1) and ran.status.exit_code == 0
+            assert ran.status.output_dropped_bytes == len(b"after\n")
+            assert server.read_log().count("file system is full") == 1
+            admin.remove(status.job_id)
+            assert run_job(admin, ["echo", "room again"]).out == b"room again\n"
+        finally:
+            assert server.stop() == 0, server.read_log()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_list_pages_filters_and_cuts_huge_commands(pki, tmp_path):
+    server = Server(pki, str(tmp_path))
+    admin, user, observer = (server.client(role) for role in ("admin", "user", "observer"))
+    huge = ["true"] + ["y" * 100_000] * 19  # 1.9 MB
+    ids = [admin.start(huge) for _ in range(40)] + [user.start(["echo", str(i)]) for i in range(5)]
+    running = user.start(["sleep", "600"])
+    newest_first = [running] + ids[::-1]
+    for client in (admin, observer):
+        response = client.stub.List(pb.ListRequest(), timeout=60)
+        assert [s.job_id for s in response.jobs] == newest_first and not response.next_page_token
+        assert response.ByteSize() < 100_000
+        for status in response.jobs[6:]:
+            assert status.command_truncated and status.command[0] == "true"
+            assert sum(len(arg.encode()) for arg in status.command) == 1024
+        assert not any(status.command_truncated for status in response.jobs[:6])
+    assert list(admin.query(ids[0]).command) == huge and not admin.query(ids[0]).command_truncated
+    pages, token = [], ""
+    while True:
+        response = observer.stub.List(pb.ListRequest(page_size=7, page_token=token), timeout=60)
+        pages.append([s.job_id for s in response.jobs])
+        token = response.next_page_token
+        if not token:
+            break
+    assert [len(page) for page in pages] == [7] * 6 + [4] and sum(pages, []) == newest_first
+    assert [s.job_id for s in admin.list(state=pb.RUNNING)] == [running]
+    assert [s.job_id for s in observer.list(owner="alice")] == newest_first[:6]
+    assert [s.job_id for s in user.list()] == newest_first[:6] and user.list(owner="ada") == []
+    assert len(admin.list(state=pb.EXITED)) == 45 and len(admin.list(limit=3)) == 3
+    for bad in (pb.ListRequest(page_size=1001), pb.ListRequest(page_token="x"), pb.ListRequest(page_token="-1"),
+                pb.ListRequest(state=99)):
+        assert status_of(lambda: admin.stub.List(bad, timeout=60)).code == Code.INVALID_ARGUMENT, bad
+    ids += [admin.start(["true"]) for _ in range(10)]
+    shown = server.cli("list")
+    header, *rows = shown.stdout.decode().splitlines()  # the table's header, then a job a line
+    assert shown.returncode == 0 and header.startswith("JOB ID") and len(rows) == 50
+    assert rows[0].startswith(ids[-1])
+    assert shown.stderr == b"jobworker: the newest 50 shown; --limit N for more (0: all)\n"
+    every = server.cli("list", "--limit", "0").stdout.decode().splitlines()[1:]
+    assert len(every) == 56
+    cut = {line.split()[0] for line in every if line.endswith(" …")}  # the COMMAND column marks a cut command
+    assert cut == set(ids[:40])
+    assert len(server.cli("list", "--limit", "5").stdout.splitlines()) == 1 + 5
+    running_only = server.cli("list", "--state", "running").stdout.decode().splitlines()
+    assert len(running_only) == 2 and running_only[1].startswith(running)
+    admin.stop(running, force=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Roles and certificates (every kind of certificate against every RPC: the identity matrix, under Reliability)
 # ---------------------------------------------------------------------------------------------------------------------
 
 def test_role_matrix(server):
     clients = {role: server.client(role) for role in ("admin", "user", "user2", "observer")}
     DENIED, HIDDEN = Code.PERMISSION_DENIED, Code.NOT_FOUND
-    everything = {"Query": OK, "Stream": OK, "Stop": OK, "Wait": OK}
+    everything = {"Query": OK, "Stream": OK, "Stop": OK, "Wait": OK, "Remove": OK}
     nothing = dict.fromkeys(everything, HIDDEN)
-    watch_only = {"Query": OK, "Stream": OK, "Stop": DENIED, "Wait": OK}
+    watch_only = {"Query": OK, "Stream": OK, "Stop": DENIED, "Wait": OK, "Remove": DENIED}
     expected = {  # (caller, owner of the job) -> outcome of each call on that job
         ("admin", "admin"): everything, ("admin", "user"): everything,
         ("user", "user"): everything, ("user", "admin"): nothing, ("user2", "user"): nothing,
@@ -776,13 +1097,17 @@ def test_role_matrix(server):
     for (caller, owner), outcomes in expected.items():
         for method, outcome in outcomes.items():
             job_id = clients[owner].start(["sh", "-c", "echo hi; sleep 600"])  # a fresh job: a Stop ends it
-            if method == "Wait":
-                clients["admin"].stop(job_id, force=True)  # so that a Wait returns at once
+            if method in ("Wait", "Remove"):
+                clients["admin"].stop(job_id, force=True)  # so that a Wait returns at once, and a Remove may remove it
             client = clients[caller]
             call = {"Query": lambda: client.query(job_id), "Stream": lambda: next(iter(client.stream(job_id))),
-                    "Stop": lambda: client.stop(job_id, force=True), "Wait": lambda: client.wait(job_id)}[method]
+                    "Stop": lambda: client.stop(job_id, force=True), "Wait": lambda: client.wait(job_id),
+                    "Remove": lambda: client.remove(job_id)}[method]
             assert status_of(call).code == outcome, (caller, owner, method)
-            clients["admin"].stop(job_id, force=True)
+            if method == "Remove":
+                assert status_of(lambda: clients["admin"].query(job_id)).code == (HIDDEN if outcome == OK else OK)
+            else:
+                clients["admin"].stop(job_id, force=True)
     assert status_of(lambda: clients["admin"].start(["true"])).code == OK
     assert status_of(lambda: clients["user"].start(["true"])).code == OK
     refusal = pytest.raises(grpc.RpcError, clients["observer"].start, ["true"]).value
@@ -1105,6 +1430,11 @@ def test_cli_numeric_flags_refuse_what_their_field_cannot_hold(server, tmp_path)
     cases += [("stream", "--tail", value, job_id) for value in ("-1", "lots", beyond_uint64)]
     cases += [("serve", "--data-dir", str(tmp_path), *limit) for limit in
               (("--default", "pids=-3"), ("--max", "memory=99999999999T"), ("--default", "cpu=nan"))]
+    cases += [("serve", "--data-dir", str(tmp_path), flag, value) for flag, value in
+              (("--keep-jobs", "-1"), ("--keep-jobs", "many"), ("--keep-for", "soon"), ("--keep-for", "-1d"),
+               ("--keep-for", "nan"), ("--max-output", "lots"), ("--max-output", beyond_uint64),
+               ("--min-free", "100%"), ("--min-free", "-5%"), ("--min-free", "some"))]
+    cases += [("list", "--limit", "-1"), ("list", "--state", "HAPPY")]
     results = Concurrently([functools.partial(server.cli, *argv) for argv in cases]).results()
     wrong = [f"{shlex.join(argv)}: exit {result.returncode}, {result.stdout!r}, {result.stderr[-300:]!r}"
              for argv, result in zip(cases, results) if result.returncode != 2 or result.stdout or
@@ -1124,7 +1454,7 @@ def test_cli_query_and_list_describe_a_job_ended_by_a_realtime_signal(server, ad
     number = signal.SIGRTMIN + 1  # no name in Python's signal.Signals
     job_id = admin.start(["sh", "-c", f"kill -s {number} $$"])
     assert read_stream(admin.stub, job_id).status.signal == number
-    for argv in (("query", job_id), ("list",)):
+    for argv in (("query", job_id), ("list", "--limit", "0")):
         result = server.cli(*argv)
         assert result.returncode == 0 and not result.stderr, (argv, result.stderr)
         assert [line for line in result.stdout.decode().splitlines() if job_id in line], (argv, result.stdout)
@@ -1169,7 +1499,7 @@ def test_cli_list_and_query_print_aligned_columns_local_times_durations_and_size
     statuses = {job_id: admin.wait(job_id) for job_id in (ended, killed, odd)} | {running: admin.query(running)}
     local = dict(os.environ, TZ="IST-05:30")  # POSIX: the offset west of UTC, hence the minus
     cli = lambda *argv: subprocess.run(server.cli_argv(*argv), env=local, capture_output=True, timeout=60)
-    listed = cli("list")
+    listed = cli("list", "--limit", "0")  # every job: the session's server may have more than list's default 50
     assert listed.returncode == 0 and not listed.stderr
     header, *lines = listed.stdout.decode().splitlines()
     assert columns(header, header) == list(jobworker.COLUMNS)
@@ -1901,10 +2231,10 @@ def inits_ready(server, running=0):
     return pidfds >= READY_INITS + running
 
 
-def idle_server(pki, directory):
+def idle_server(pki, directory, *options):
     """A server of the test's own, once it has served a call of each kind, closed the connection and made its inits
     again: (server, its figures)."""
-    server = Server(pki, directory)
+    server = Server(pki, directory, *options)
     client = server.client()
     job_id = client.start(["echo", "warm"])
     read_stream(client.stub, job_id)
@@ -1935,6 +2265,7 @@ def job_groups_left(server_pid, job_ids):
 
 
 RELIABILITY_FIGURES = []
+HISTORY_FIGURES = []  # lines of their own: the figures of kept jobs
 
 
 def record(scenario, jobs, clients, streamed, before, peak, after):
@@ -1943,19 +2274,21 @@ def record(scenario, jobs, clients, streamed, before, peak, after):
 
 @pytest.fixture(scope="module")
 def reliability_figures(request):
-    """Collects the figures of the scenarios that measure the server, and prints them as a table at the end."""
+    """Collects the figures of the scenarios that measure the server, and prints them as a table at the end (and the
+    lines of HISTORY_FIGURES after it)."""
     yield RELIABILITY_FIGURES
-    if not RELIABILITY_FIGURES:
+    if not RELIABILITY_FIGURES and not HISTORY_FIGURES:
         return
     lines = ["", "Reliability figures (server process; before = idle, peak = during, after = settled; memory is "
                  "VmRSS, peak VmHWM, MiB)", "",
              "| scenario | jobs | clients | bytes streamed | threads before / peak / after "
              "| descriptors before / peak / after | memory MiB before / peak / after |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|"] if RELIABILITY_FIGURES else []
     for scenario, jobs, clients, streamed, before, peak, after in RELIABILITY_FIGURES:
         lines.append(f"| {scenario} | {jobs} | {clients} | {streamed:,} | {before.threads} / {peak.threads} / "
                      f"{after.threads} | {before.fds} / {peak.fds} / {after.fds} | {before.rss / MiB:.0f} / "
                      f"{peak.hwm / MiB:.0f} / {after.rss / MiB:.0f} |")
+    lines += ["", *HISTORY_FIGURES] if HISTORY_FIGURES else []
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         print("\n".join(lines))
@@ -2337,7 +2670,7 @@ def test_reliability_output_without_newlines_arrives_live_and_byte_exact(admin, 
 def test_reliability_a_job_writing_gigabytes_streams_them_all_in_bounded_time_and_memory(pki, tmp_path,
                                                                                         reliability_figures):
     """Every byte arrives, in order (counted and digested), within the stream's deadline."""
-    server, idle = idle_server(pki, str(tmp_path))
+    server, idle = idle_server(pki, str(tmp_path), "--max-output", "3G")
     size = (2 << 30) + MiB  # past 2^31: offsets beyond any 32-bit integer
     channel, stub = open_channel(server)
     try:
@@ -2442,6 +2775,104 @@ def test_reliability_a_job_that_stops_itself_can_be_queried_streamed_and_stopped
     rest = list(streaming)
     assert rest and rest[-1].status.state == pb.STOPPED and b"".join(m.data for m in rest) == b""
     assert processes_with(label) == []
+
+
+# -- kept jobs ---------------------------------------------------------------------------------------------------------
+
+KEPT_JOBS = 10_000
+KEPT_JOB_MEMORY = 8 * 1024  # bytes a kept ended job may cost the server
+KEPT_LOAD_SECONDS = 2.0     # a server's start may take this much longer with KEPT_JOBS to load than with none
+
+
+def started_server(pki, directory, *options, data_dir=None):
+    """A server, how long it took to say it listens, and its figures once its inits are ready."""
+    began = time.monotonic()
+    server = Server(pki, directory, *options, data_dir=data_dir)
+    took = time.monotonic() - began
+    assert wait_until(lambda: inits_ready(server)), "the server did not make its inits"
+    return server, took, figures_of(server.proc.pid)
+
+
+def test_reliability_10000_kept_jobs_load_fast_cost_little_memory_and_retention_gives_it_back(pki, tmp_path,
+                                                                                             reliability_figures):
+    """A data directory of KEPT_JOBS ended jobs (one real job's directory, copied under new ids): a server loads them
+    within KEPT_LOAD_SECONDS more than it takes to start on none, each costs it at most KEPT_JOB_MEMORY, and a server
+    that keeps none (--keep-jobs 0) loads them and removes them all (its memory then is reported: the allocator keeps
+    what was freed for reuse; the next test shows that nothing of a removed job stays)."""
+    seed = Server(pki, str(tmp_path / "seed"))
+    seed_id = run_job(seed.client(), ["echo", "kept"]).status.job_id
+    assert seed.stop() == 0
+    data_dir, seed_dir = str(tmp_path / "kept"), job_dir(seed, seed_id)
+    record = read_record(seed, seed_id)
+    for i in range(KEPT_JOBS):
+        job_id = str(uuid.uuid4())
+        os.makedirs(os.path.join(data_dir, "jobs", job_id))
+        for name in ("output", "runs"):
+            shutil.copyfile(os.path.join(seed_dir, name), os.path.join(data_dir, "jobs", job_id, name))
+        with open(os.path.join(data_dir, "jobs", job_id, "record.json"), "w") as f:
+            json.dump(dict(record, job_id=job_id, started_at=record["started_at"] + i / 1000,
+                           ended_at=record["ended_at"] + i / 1000), f)
+
+    empty, empty_start, idle = started_server(pki, str(tmp_path / "empty"))
+    assert empty.stop() == 0
+    full, full_start, loaded = started_server(pki, str(tmp_path / "full"), "--keep-jobs", str(KEPT_JOBS),
+                                              data_dir=data_dir)
+    admin = full.client()
+    assert len(admin.list()) == KEPT_JOBS and read_stream(admin.stub, job_id).out == b"kept\n"  # the last copy
+    assert full.stop() == 0
+    pruning, _, _ = started_server(pki, str(tmp_path / "pruning"), "--keep-jobs", "0", data_dir=data_dir)
+    with_records = lambda: [name for name in os.listdir(os.path.join(data_dir, "jobs"))
+                            if os.path.exists(os.path.join(data_dir, "jobs", name, "record.json"))]
+    assert wait_until(lambda: not with_records(), timeout=300), f"{len(with_records())} jobs kept with --keep-jobs 0"
+    assert pruning.client().list() == []
+    after = figures_of(pruning.proc.pid)
+    per_job = (loaded.rss - idle.rss) / KEPT_JOBS
+    HISTORY_FIGURES.extend([
+        f"Kept jobs ({KEPT_JOBS:,} ended jobs loaded from their records):",
+        f"  start, to listening: {empty_start:.2f} s on an empty data directory, {full_start:.2f} s on {KEPT_JOBS:,} "
+        f"jobs",
+        f"  server memory (VmRSS, inits ready): {idle.rss / MiB:.1f} MiB idle, {loaded.rss / MiB:.1f} MiB with "
+        f"{KEPT_JOBS:,} jobs ({per_job / 1024:.2f} KiB per job), {after.rss / MiB:.1f} MiB once retention has "
+        f"removed them all (the allocator keeps what was freed, for reuse)"])
+    assert full_start - empty_start <= KEPT_LOAD_SECONDS, HISTORY_FIGURES[-2]
+    assert per_job <= KEPT_JOB_MEMORY, HISTORY_FIGURES[-1]
+
+
+RETAINED_JOBS, RETENTION_ROUND = 500, 1000
+REMOVED_JOB_MEMORY = 2048  # bytes a job removed by retention may leave behind in the server, on average (a kept
+                           # job costs about 6 KiB: one that stayed whole would show, as would most of it)
+
+
+def test_reliability_retention_keeps_the_memory_of_a_server_running_job_after_job_flat(pki, tmp_path,
+                                                                                   reliability_figures):
+    """Real jobs, RETENTION_ROUND at a time, on a server keeping RETAINED_JOBS: after each round the server holds the
+    newest RETAINED_JOBS ended jobs, and once the allocator has settled (two rounds) later rounds (each job of them
+    started, ended and then removed by retention) leave its memory where it was, within REMOVED_JOB_MEMORY per job."""
+    server, _, idle = started_server(pki, str(tmp_path), "--keep-jobs", str(RETAINED_JOBS))
+    channels = [open_channel(server) for _ in range(8)]
+
+    def run_round():
+        def starts(stub):
+            return [stub.Start(pb.StartRequest(command=["true"]), timeout=60).job_id
+                    for _ in range(RETENTION_ROUND // len(channels))]
+        started = sum(Concurrently([functools.partial(starts, stub) for _, stub in channels]).results(), [])
+        admin = server.client()
+        settled = lambda: len(admin.list()) == RETAINED_JOBS and not admin.list(state=pb.RUNNING)
+        assert wait_until(settled, timeout=120), "retention did not keep the newest jobs alone"
+        kept = {status.job_id for status in admin.list()}
+        assert kept <= set(started)
+        admin.close()
+        return figures_of(server.proc.pid)
+
+    rounds = [run_round() for _ in range(4)]
+    for channel, _ in channels:
+        channel.close()
+    left = (rounds[3].rss - rounds[1].rss) / (2 * RETENTION_ROUND)
+    HISTORY_FIGURES.extend([
+        f"Retention with real jobs (--keep-jobs {RETAINED_JOBS}, rounds of {RETENTION_ROUND} `true` from 8 threads):",
+        f"  server memory: {idle.rss / MiB:.1f} MiB idle, after rounds 1-4: "
+        f"{' / '.join(f'{r.rss / MiB:.1f}' for r in rounds)} MiB ({left:.0f} bytes per job removed in rounds 3-4)"])
+    assert left <= REMOVED_JOB_MEMORY, HISTORY_FIGURES[-1]
 
 
 # -- server faults -----------------------------------------------------------------------------------------------------
@@ -2576,9 +3007,10 @@ def test_reliability_a_server_with_bad_configuration_exits_at_once_with_a_clear_
 # -- hostile input -----------------------------------------------------------------------------------------------------
 
 SAFE_PROGRAMS = {"true", "echo"}  # what generated commands may run (names that would run anything else are left out)
-METHODS = ("Start", "Stop", "Query", "Stream", "List", "Wait")
+METHODS = ("Start", "Stop", "Query", "Stream", "List", "Wait", "Remove")
 REQUEST_TYPES = {"Start": pb.StartRequest, "Stop": pb.StopRequest, "Query": pb.QueryRequest,
-                 "Stream": pb.StreamRequest, "List": pb.ListRequest, "Wait": pb.WaitRequest}
+                 "Stream": pb.StreamRequest, "List": pb.ListRequest, "Wait": pb.WaitRequest,
+                 "Remove": pb.RemoveRequest}
 INVALID, NOT_FOUND, RESOURCE_EXHAUSTED = Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED
 HOSTILE = settings(deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -2916,6 +3348,8 @@ def test_reliability_oversized_requests_are_refused_before_they_cost_memory(host
         "Query": pb.QueryRequest(job_id="q" * huge),
         "Stream": pb.StreamRequest(job_id="t" * huge),
         "List": b"\x0a" + encode_varint(huge) + b"l" * huge,  # a field List does not know: read all the same
+        "Wait": pb.WaitRequest(job_id="w" * huge),
+        "Remove": pb.RemoveRequest(job_id="r" * huge),
     }
     pid = hostile.server.proc.pid
     with PeakWatch(pid) as watch:
@@ -2926,7 +3360,7 @@ def test_reliability_oversized_requests_are_refused_before_they_cost_memory(host
             hostile.still_serves()
     growth = watch.hwm - watch.start.rss
     assert growth <= OVERSIZE_MEMORY_SLACK, \
-        f"five requests of {huge >> 20} to {huge >> 18} MiB raised the peak memory by {growth / MiB:.0f} MiB"
+        f"seven requests of {huge >> 20} to {huge >> 18} MiB raised the peak memory by {growth / MiB:.0f} MiB"
 
 
 # -- identity ----------------------------------------------------------------------------------------------------------
@@ -2938,12 +3372,13 @@ def subject_types(cert):
 
 
 def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc(server, pki):
-    """Every kind of caller against all six RPCs: the role is the one OU of the subject that names a role, read from
+    """Every kind of caller against all seven RPCs: the role is the one OU of the subject that names a role, read from
     the DER (a value that merely looks like an OU is not one), the identity its one CN; anything else is refused,
     from the TLS handshake (no certificate, another CA, expired, plaintext) to TLS 1.2."""
     DENIED, UNAUTHENTICATED, HANDSHAKE = Code.PERMISSION_DENIED, Code.UNAUTHENTICATED, Code.UNAVAILABLE
     everything = dict.fromkeys(METHODS, OK)
-    observes = {"Start": DENIED, "Stop": DENIED, "Query": OK, "Stream": OK, "List": OK, "Wait": OK}
+    observes = {"Start": DENIED, "Stop": DENIED, "Query": OK, "Stream": OK, "List": OK, "Wait": OK,
+                "Remove": DENIED}
     every = lambda code: dict.fromkeys(METHODS, code)
     now = time.time()
     other = PKI(os.path.join(pki.dir, "matrix-other"))
@@ -3005,7 +3440,7 @@ def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc
     ]
     admin = server.client("admin")
     target = admin.start(["sh", "-c", "echo running; exec sleep 600"])  # another's job, for those that may not start
-    ended = admin.start(["true"])  # and another's that has ended, for their Wait
+    ended = admin.start(["true"])  # and another's that has ended, for their Wait and Remove
     admin.wait(ended)
     mismatches = []
     for who, connect, expected, identity in rows:
@@ -3029,6 +3464,7 @@ def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc
             got["Stop"] = status_of(lambda: stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=10)).code
             waited = started.job_id if started else ended  # ended by now: the Wait returns at once
             got["Wait"] = status_of(lambda: stub.Wait(pb.WaitRequest(job_id=waited), timeout=10)).code
+            got["Remove"] = status_of(lambda: stub.Remove(pb.RemoveRequest(job_id=waited), timeout=10)).code
         finally:
             channel.close()
             if cleanup:
@@ -3040,5 +3476,6 @@ def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc
         if started and owners != {identity}:
             mismatches.append(f"{who}: its job's owner is {owners}, expected {identity!r}")
     assert admin.query(target).state == pb.RUNNING, "a caller without the right stopped another's job"
+    assert admin.query(ended).state == pb.EXITED, "a caller without the right removed another's job"
     admin.stop(target, force=True)
     assert not mismatches, "\n".join(mismatches)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13gen/jobworker.proto\x12\x0cjobworker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"j\n\x06Limits\x12\x11\n\tcpu_cores\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bio_read_bps\x18\x03 \x01(\x04\x12\x14\n\x0cio_write_bps\x18\x04 \x01(\x04\x12\x0c\n\x04pids\x18\x05 \x01(\x04\"\xbe\x01\n\x0cStartRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x03(\t\x12$\n\x06limits\x18\x02 \x01(\x0b\x32\x14.jobworker.v1.Limits\x12\x30\n\x03\x65nv\x18\x03 \x03(\x0b\x32#.jobworker.v1.StartRequest.EnvEntry\x12\x19\n\x11working_directory\x18\x04 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\rStartResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0b\x32\x17.jobworker.v1.JobStatus\"^\n\x0bStopRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x1c\n\x0ftimeout_seconds\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x12\n\x10_timeout_seconds\"\x1e\n\x0cQueryRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\rStreamRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\xae\x01\n\x0eStreamResponse\x12\x33\n\x06source\x18\x01 \x01(\x0e\x32#.jobworker.v1.StreamResponse.Source\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\'\n\x06status\x18\x04 \x01(\x0b\x32\x17.jobworker.v1.JobStatus\" \n\x06Source\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01\"\r\n\x0bListRequest\"5\n\x0cListResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.jobworker.v1.JobStatus\"\x1d\n\x0bWaitRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"K\n\x05Usage\x12\x13\n\x0b\x63pu_seconds\x18\x01 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x02 \x01(\x04\x12\x12\n\noom_killed\x18\x03 \x01(\x08\"q\n\tIsolation\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0e\n\x06\x63group\x18\x02 \x01(\t\x12\x12\n\nnamespaces\x18\x03 \x03(\t\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.jobworker.v1.Limits\x12\x0c\n\x04user\x18\x05 \x01(\t\"\xdf\x03\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.jobworker.v1.JobState\x12\x16\n\texit_code\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06signal\x18\x06 \x01(\x05\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0coutput_bytes\x18\n \x01(\x04\x12\"\n\x05usage\x18\x0b \x01(\x0b\x32\x13.jobworker.v1.Usage\x12*\n\tisolation\x18\x0c \x01(\x0b\x32\x17.jobworker.v1.Isolation\x12-\n\x03\x65nv\x18\r \x03(\x0b\x32 .jobworker.v1.JobStatus.EnvEntry\x12\x19\n\x11working_directory\x18\x0e \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_exit_code*[\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\n\n\x06\x45XITED\x10\x02\x12\x0b\n\x07STOPPED\x10\x03\x12\x0e\n\nOOM_KILLED\x10\x04\x32\x89\x03\n\tJobWorker\x12@\n\x05Start\x12\x1a.jobworker.v1.StartRequest\x1a\x1b.jobworker.v1.StartResponse\x12:\n\x04Stop\x12\x19.jobworker.v1.StopRequest\x1a\x17.jobworker.v1.JobStatus\x12<\n\x05Query\x12\x1a.jobworker.v1.QueryRequest\x1a\x17.jobworker.v1.JobStatus\x12\x45\n\x06Stream\x12\x1b.jobworker.v1.StreamRequest\x1a\x1c.jobworker.v1.StreamResponse0\x01\x12=\n\x04List\x12\x19.jobworker.v1.ListRequest\x1a\x1a.jobworker.v1.ListResponse\x12:\n\x04Wait\x12\x19.jobworker.v1.WaitRequest\x1a\x17.jobworker.v1.JobStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13gen/jobworker.proto\x12\x0cjobworker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"j\n\x06Limits\x12\x11\n\tcpu_cores\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bio_read_bps\x18\x03 \x01(\x04\x12\x14\n\x0cio_write_bps\x18\x04 \x01(\x04\x12\x0c\n\x04pids\x18\x05 \x01(\x04\"\xbe\x01\n\x0cStartRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x03(\t\x12$\n\x06limits\x18\x02 \x01(\x0b\x32\x14.jobworker.v1.Limits\x12\x30\n\x03\x65nv\x18\x03 \x03(\x0b\x32#.jobworker.v1.StartRequest.EnvEntry\x12\x19\n\x11working_directory\x18\x04 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\rStartResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0b\x32\x17.jobworker.v1.JobStatus\"^\n\x0bStopRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x1c\n\x0ftimeout_seconds\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x12\n\x10_timeout_seconds\"\x1e\n\x0cQueryRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\rStreamRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\xae\x01\n\x0eStreamResponse\x12\x33\n\x06source\x18\x01 \x01(\x0e\x32#.jobworker.v1.StreamResponse.Source\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\'\n\x06status\x18\x04 \x01(\x0b\x32\x17.jobworker.v1.JobStatus\" \n\x06Source\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01\"j\n\x0bListRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.jobworker.v1.JobState\x12\r\n\x05owner\x18\x04 \x01(\t\"N\n\x0cListResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.jobworker.v1.JobStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\rRemoveRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1d\n\x0bWaitRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"K\n\x05Usage\x12\x13\n\x0b\x63pu_seconds\x18\x01 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x02 \x01(\x04\x12\x12\n\noom_killed\x18\x03 \x01(\x08\"q\n\tIsolation\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0e\n\x06\x63group\x18\x02 \x01(\t\x12\x12\n\nnamespaces\x18\x03 \x03(\t\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.jobworker.v1.Limits\x12\x0c\n\x04user\x18\x05 \x01(\t\"\x98\x04\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.jobworker.v1.JobState\x12\x16\n\texit_code\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06signal\x18\x06 \x01(\x05\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0coutput_bytes\x18\n \x01(\x04\x12\"\n\x05usage\x18\x0b \x01(\x0b\x32\x13.jobworker.v1.Usage\x12*\n\tisolation\x18\x0c \x01(\x0b\x32\x17.jobworker.v1.Isolation\x12-\n\x03\x65nv\x18\r \x03(\x0b\x32 .jobworker.v1.JobStatus.EnvEntry\x12\x19\n\x11working_directory\x18\x0e \x01(\t\x12\x1c\n\x14output_dropped_bytes\x18\x0f \x01(\x04\x12\x19\n\x11\x63ommand_truncated\x18\x10 \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_exit_code*e\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\n\n\x06\x45XITED\x10\x02\x12\x0b\n\x07STOPPED\x10\x03\x12\x0e\n\nOOM_KILLED\x10\x04\x12\x08\n\x04LOST\x10\x05\x32\xc9\x03\n\tJobWorker\x12@\n\x05Start\x12\x1a.jobworker.v1.StartRequest\x1a\x1b.jobworker.v1.StartResponse\x12:\n\x04Stop\x12\x19.jobworker.v1.StopRequest\x1a\x17.jobworker.v1.JobStatus\x12<\n\x05Query\x12\x1a.jobworker.v1.QueryRequest\x1a\x17.jobworker.v1.JobStatus\x12\x45\n\x06Stream\x12\x1b.jobworker.v1.StreamRequest\x1a\x1c.jobworker.v1.StreamResponse0\x01\x12=\n\x04List\x12\x19.jobworker.v1.ListRequest\x1a\x1a.jobworker.v1.ListResponse\x12:\n\x04Wait\x12\x19.jobworker.v1.WaitRequest\x1a\x17.jobworker.v1.JobStatus\x12>\n\x06Remove\x12\x1b.jobworker.v1.RemoveRequest\x1a\x17.jobworker.v1.JobStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTREQUEST_ENVENTRY']._serialized_options = b'8\001'
   _globals['_JOBSTATUS_ENVENTRY']._loaded_options = None
   _globals['_JOBSTATUS_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1574
-  _globals['_JOBSTATE']._serialized_end=1665
+  _globals['_JOBSTATE']._serialized_start=1782
+  _globals['_JOBSTATE']._serialized_end=1883
   _globals['_LIMITS']._serialized_start=70
   _globals['_LIMITS']._serialized_end=176
   _globals['_STARTREQUEST']._serialized_start=179
@@ -57,19 +57,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMRESPONSE_SOURCE']._serialized_start=765
   _globals['_STREAMRESPONSE_SOURCE']._serialized_end=797
   _globals['_LISTREQUEST']._serialized_start=799
-  _globals['_LISTREQUEST']._serialized_end=812
-  _globals['_LISTRESPONSE']._serialized_start=814
-  _globals['_LISTRESPONSE']._serialized_end=867
-  _globals['_WAITREQUEST']._serialized_start=869
-  _globals['_WAITREQUEST']._serialized_end=898
-  _globals['_USAGE']._serialized_start=900
-  _globals['_USAGE']._serialized_end=975
-  _globals['_ISOLATION']._serialized_start=977
-  _globals['_ISOLATION']._serialized_end=1090
-  _globals['_JOBSTATUS']._serialized_start=1093
-  _globals['_JOBSTATUS']._serialized_end=1572
+  _globals['_LISTREQUEST']._serialized_end=905
+  _globals['_LISTRESPONSE']._serialized_start=907
+  _globals['_LISTRESPONSE']._serialized_end=985
+  _globals['_REMOVEREQUEST']._serialized_start=987
+  _globals['_REMOVEREQUEST']._serialized_end=1018
+  _globals['_WAITREQUEST']._serialized_start=1020
+  _globals['_WAITREQUEST']._serialized_end=1049
+  _globals['_USAGE']._serialized_start=1051
+  _globals['_USAGE']._serialized_end=1126
+  _globals['_ISOLATION']._serialized_start=1128
+  _globals['_ISOLATION']._serialized_end=1241
+  _globals['_JOBSTATUS']._serialized_start=1244
+  _globals['_JOBSTATUS']._serialized_end=1780
   _globals['_JOBSTATUS_ENVENTRY']._serialized_start=327
   _globals['_JOBSTATUS_ENVENTRY']._serialized_end=369
-  _globals['_JOBWORKER']._serialized_start=1668
-  _globals['_JOBWORKER']._serialized_end=2061
+  _globals['_JOBWORKER']._serialized_start=1886
+  _globals['_JOBWORKER']._serialized_end=2343
 # @@protoc_insertion_point(module_scope)

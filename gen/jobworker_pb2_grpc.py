@@ -64,6 +64,11 @@ class JobWorkerStub:
                 request_serializer=gen_dot_jobworker__pb2.WaitRequest.SerializeToString,
                 response_deserializer=gen_dot_jobworker__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.Remove = channel.unary_unary(
+                '/jobworker.v1.JobWorker/Remove',
+                request_serializer=gen_dot_jobworker__pb2.RemoveRequest.SerializeToString,
+                response_deserializer=gen_dot_jobworker__pb2.JobStatus.FromString,
+                _registered_method=True)
 
 
 class JobWorkerServicer:
@@ -99,7 +104,7 @@ class JobWorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """The jobs the caller may see, newest first.
+        """The jobs the caller may see, newest first, a page at a time; each command is cut to a bounded length.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +112,14 @@ class JobWorkerServicer:
 
     def Wait(self, request, context):
         """Returns the job's final status once it has ended (at once if it has).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Remove(self, request, context):
+        """Removes an ended job and its output now (a running job is FAILED_PRECONDITION: stop it first); a stream of it
+        that is still open ends with NOT_FOUND. Returns the job's last status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +156,11 @@ def add_JobWorkerServicer_to_server(servicer, server):
             'Wait': grpc.unary_unary_rpc_method_handler(
                     servicer.Wait,
                     request_deserializer=gen_dot_jobworker__pb2.WaitRequest.FromString,
+                    response_serializer=gen_dot_jobworker__pb2.JobStatus.SerializeToString,
+            ),
+            'Remove': grpc.unary_unary_rpc_method_handler(
+                    servicer.Remove,
+                    request_deserializer=gen_dot_jobworker__pb2.RemoveRequest.FromString,
                     response_serializer=gen_dot_jobworker__pb2.JobStatus.SerializeToString,
             ),
     }
@@ -307,6 +325,33 @@ class JobWorker:
             target,
             '/jobworker.v1.JobWorker/Wait',
             gen_dot_jobworker__pb2.WaitRequest.SerializeToString,
+            gen_dot_jobworker__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Remove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobworker.v1.JobWorker/Remove',
+            gen_dot_jobworker__pb2.RemoveRequest.SerializeToString,
             gen_dot_jobworker__pb2.JobStatus.FromString,
             options,
             channel_credentials,
