@@ -1354,6 +1354,76 @@ def test_cgroup_v2_path_places_kills_and_removes_job_groups(pki, tmp_path):
     assert not os.path.exists(group)
 
 
+@needs_root
+def test_a_data_directory_on_tmpfs_isolates_jobs_and_refuses_disk_limits_saying_why(pki):
+    """/dev/shm is a tmpfs: what a job writes there is memory, which its memory limit covers. Isolation is on, with
+    every other limit; a disk limit is refused, and the refusal says why."""
+    directory = tempfile.mkdtemp(prefix="jobworker-tmpfs-", dir="/dev/shm")
+    try:
+        server = Server(pki, directory, "--isolation", "on")
+        admin = server.client()
+        limits = {"cpu_cores": 0.5, "memory_bytes": 64 * MiB, "pids": 16}
+        ran = run_job(admin, ["true"], **limits)
+        assert ran.status.exit_code == 0 and ran.status.isolation.mode == "on"
+        assert {name: getattr(ran.status.isolation.limits, name) for name in limits} == limits
+        for limit in ("io_read_bps", "io_write_bps"):
+            refused = pytest.raises(grpc.RpcError, admin.start, ["true"], **{limit: MiB}).value
+            assert refused.code() == Code.FAILED_PRECONDITION
+            assert refused.details() == (f"{limit} limits are not available on this server: the data directory is "
+                                         "on tmpfs, whose writes are memory (memory limits cover them): there is no "
+                                         "disk to limit")
+        server.stop()
+    finally:
+        shutil.rmtree(directory)
+
+
+def cgroup2_root():
+    """Where this host mounts cgroup v2 (with or without controllers), or None."""
+    for path in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        if os.path.exists(os.path.join(path, "cgroup.procs")) and os.path.exists(os.path.join(path, "cgroup.threads")):
+            return path
+    return None
+
+
+@needs_root
+@pytest.mark.skipif(not cgroup2_root(), reason="no cgroup2 hierarchy")
+@pytest.mark.skipif(jobworker.on_systemd(), reason="on systemd the server asks for a scope (test_hosts.py)")
+def test_a_server_in_a_cgroup_it_shares_writes_nothing_there_and_says_in_one_line_how_to_fix_it(pki, tmp_path):
+    """A server started in a cgroup that holds another process too (as a login shell's is) cannot hand controllers
+    down (cgroup v2's "no internal processes"), and the cgroup is not its own. It leaves it alone: one line says what
+    is missing and how to fix it, jobs run without a cgroup (their status says so), a Start that asks for a limit
+    is refused with the reason, and --isolation on refuses to start with that line."""
+    shared = os.path.join(cgroup2_root(), f"jobworker-test-session-{marker()}")
+    os.mkdir(shared)
+    shell = subprocess.Popen(["sleep", "600"])
+    try:
+        pathlib.Path(shared, "cgroup.procs").write_text(str(shell.pid))
+        into_it = ("sh", "-c", f'echo $$ > {shared}/cgroup.procs && exec "$@"', "sh")
+        server = Server(pki, str(tmp_path / "auto"), "--cgroup", "v2", prefix=into_it)
+        problem = (f"its cgroup /{os.path.basename(shared)} holds 1 other process(es), so it cannot give jobs "
+                   "controllers of their own")
+        warnings = [line for line in server.read_log().splitlines() if " WARNING isolation: " in line]
+        assert len(warnings) == 1 and problem in warnings[0] and "(to fix: start it alone in a cgroup: " in \
+            warnings[0], server.read_log()
+        assert not [entry for entry in os.scandir(shared) if entry.is_dir()], "the server wrote in a cgroup not its own"
+        admin = server.client()
+        status = run_job(admin, ["true"]).status
+        assert status.exit_code == 0 and status.isolation.cgroup == "" and status.isolation.limits == pb.Limits()
+        assert set(status.isolation.namespaces) == {"pid", "mount", "network"}
+        refused = pytest.raises(grpc.RpcError, admin.start, ["true"], memory_bytes=64 * MiB).value
+        assert refused.code() == Code.FAILED_PRECONDITION
+        assert refused.details() == f"memory_bytes limits are not available on this server: {problem}"
+        assert server.stop() == 0
+        with pytest.raises(RuntimeError) as refusal:
+            Server(pki, str(tmp_path / "on"), "--cgroup", "v2", "--isolation", "on", prefix=into_it)
+        assert f"jobworker: --isolation on, but {problem}" in str(refusal.value)
+    finally:
+        shell.kill()
+        shell.wait()
+        wait_until(lambda: not pathlib.Path(shared, "cgroup.procs").read_text().split(), timeout=30)
+        os.rmdir(shared)
+
+
 # A server started with an ambient capability, which no job may keep (where util-linux's setpriv can start one).
 AMBIENT_CAPABILITY = (("setpriv", "--inh-caps", "+net_raw", "--ambient-caps", "+net_raw") if shutil.which("setpriv")
                       else ())
