@@ -825,6 +825,7 @@ JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # whe
 NAMESPACES = {"pid": CLONE_NEWPID, "mount": CLONE_NEWNS, "network": CLONE_NEWNET}
 CONTROLLERS = ("cpu", "memory", "io", "pids")  # what the limits need
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")  # whose writes are memory: there is no disk to limit, the memory limit does
+SCOPE_ASKED = "JOBWORKER_SCOPE_ASKED"  # set once the server has asked systemd for a scope, so that it asks once
 
 
 class Unusable(Exception):
@@ -964,6 +965,29 @@ def systemd_delegated(directory):
     return shown.stdout.strip() == "yes"
 
 
+def into_a_delegated_scope(isolation, cgroup):
+    """Started by hand on a systemd host, the server is in a cgroup of systemd's that is not its own to divide: a login
+    session's scope, which holds the shell too. It asks systemd for one of its own, through systemd's interface for
+    that: it runs itself again, in place (the same pid, descriptors and environment), in a transient scope with
+    Delegate=yes, as `systemd-run --scope -p Delegate=yes` makes. Once: a variable says it has asked. A service is left
+    where it is (moving its main process out of it would end it in systemd's eyes): its unit must delegate."""
+    if os.geteuid() != 0 or isolation == "off" or os.environ.get(SCOPE_ASKED) or not on_systemd() or \
+            not shutil.which("systemd-run"):
+        return
+    version, mount_point = Cgroups.hierarchy(cgroup)
+    if version != "v2":
+        return
+    own = CgroupV2.own(mount_point)
+    if own == mount_point or own.endswith(".service") or systemd_delegated(own):
+        return
+    os.environ[SCOPE_ASKED] = "1"
+    argv = ["systemd-run", "--scope", "-p", "Delegate=yes", "--quiet", "--collect", f"--unit=jobworker-{os.getpid()}",
+            "--", sys.executable, *sys.argv]
+    logging.info("isolation: the cgroup %s is systemd's, not delegated to this server: running again in a scope of "
+                 "its own, jobworker-%d.scope (%s)", own[len(mount_point):], os.getpid(), " ".join(argv[:7]))
+    os.execvp(argv[0], argv)
+
+
 class Cgroups:
     """The host's cgroup hierarchy, in which every job gets a group of its own.
 
@@ -991,9 +1015,9 @@ class Cgroups:
         return f"{Cgroups.PREFIX}{pid}-{os.stat('/proc/self/ns/pid').st_ino}"
 
     @staticmethod
-    def detect(choice="auto", io_device=None):
-        """Cgroups for this host (`choice` of auto, v1, v2), or None when there is none we can use; Unusable when the
-        server may not use them as they are."""
+    def hierarchy(choice="auto"):
+        """Which cgroups this host's jobs go in (`choice` of auto, v1, v2): ("v2", its mount point), ("v1", {controller:
+        its mount point}), or (None, None) when there are none we can use."""
         mounts = []
         for line in _read("/proc/self/mountinfo").splitlines():
             fields = line.split()
@@ -1001,11 +1025,18 @@ class Cgroups:
             mounts.append((fields[4].replace("\\040", " "), tail[0], set(tail[2].split(","))))
         v2 = next((point for point, fstype, _ in mounts if fstype == "cgroup2"), None)
         v1 = {option: point for point, fstype, options in mounts if fstype == "cgroup" for option in options}
-        if choice == "v2" or (choice == "auto" and v2 and (not v1 or CgroupV2.has_controllers(v2))):
-            return CgroupV2(v2, io_device) if v2 else None
-        if choice in ("v1", "auto") and v1:
-            return CgroupV1(v1, io_device)
-        return None
+        if v2 and (choice == "v2" or (choice == "auto" and (not v1 or CgroupV2.has_controllers(v2)))):
+            return "v2", v2
+        if v1 and choice in ("v1", "auto"):
+            return "v1", v1
+        return None, None
+
+    @staticmethod
+    def detect(choice="auto", io_device=None):
+        """Cgroups for this host (`choice` of auto, v1, v2), or None when there is none we can use; Unusable when the
+        server may not use them as they are."""
+        version, mounts = Cgroups.hierarchy(choice)
+        return CgroupV2(mounts, io_device) if version == "v2" else CgroupV1(mounts, io_device) if version else None
 
     def create(self, name):
         """Makes a group; returns its directories."""
@@ -2235,6 +2266,7 @@ def serve(args):
     _raise_fd_limit()
     check_tls_files(args.cert, args.key, args.ca)
     _check_address_and_data_dir(args.addr, args.data_dir)
+    into_a_delegated_scope(args.isolation, args.cgroup)  # on a systemd host, may run the server again in a scope
     try:
         policy = LimitPolicy(dict(args.defaults), dict(args.maxima))
     except ValueError as e:
