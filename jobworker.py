@@ -1180,6 +1180,10 @@ class CgroupV2(Cgroups):
 
         if limits["cpu_cores"] and "cpu" in self.controllers:
             put("cpu.max", f"{max(1000, int(limits['cpu_cores'] * self.PERIOD_US))} {self.PERIOD_US}", "cpu_cores")
+        if "memory" in self.controllers and os.path.exists(os.path.join(directory, "memory.oom.group")):
+            # An OOM kill takes the whole job, its init too, as it takes a container: what a job has left once the
+            # kernel killed one of its processes is rarely of use, and the job's status says OOM_KILLED.
+            _write(os.path.join(directory, "memory.oom.group"), "1")
         if limits["memory_bytes"] and "memory" in self.controllers:
             put("memory.max", str(limits["memory_bytes"]), "memory_bytes")
             if os.path.exists(os.path.join(directory, "memory.swap.max")):

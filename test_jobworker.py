@@ -1355,6 +1355,20 @@ def test_cgroup_v2_path_places_kills_and_removes_job_groups(pki, tmp_path):
 
 
 @needs_root
+def test_an_oom_kill_takes_the_whole_job_on_cgroup_v2(admin):
+    """memory.oom.group: the kernel kills every process of a job over its memory limit, not only the one that asked
+    for the memory; a shell that would report its child's death never gets to."""
+    label = marker()
+    ran = run_job(admin, ["sh", "-c", f"sleep {label} & python3 -c 'data = b\"x\" * (256 << 20)'; echo survived $?"],
+                  memory_bytes=32 * MiB)
+    if ran.status.isolation.cgroup != "v2":
+        pytest.skip("memory.oom.group is cgroup v2's")
+    assert ran.status.state == pb.OOM_KILLED and ran.status.signal == signal.SIGKILL, ran
+    assert b"survived" not in ran.out and ran.status.usage.oom_killed
+    assert processes_with(label) == []
+
+
+@needs_root
 def test_a_data_directory_on_tmpfs_isolates_jobs_and_refuses_disk_limits_saying_why(pki):
     """/dev/shm is a tmpfs: what a job writes there is memory, which its memory limit covers. Isolation is on, with
     every other limit; a disk limit is refused, and the refusal says why."""
