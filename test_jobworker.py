@@ -1035,8 +1035,18 @@ def test_limit_policy_refuses_what_is_over_a_maximum_unavailable_or_unusable():
     assert bare.resolve({"cpu_cores": float(os.cpu_count())})["cpu_cores"] == os.cpu_count()
 
 
-PIDS_TREE = "/sys/fs/cgroup/pids"  # cgroup v1's
-needs_pids_tree = pytest.mark.skipif(not ROOT or not os.path.isdir(PIDS_TREE), reason="needs root and cgroup v1's pids")
+def pids_hierarchy():
+    """Where the pids controller is, and how /proc/PID/cgroup names its tree: cgroup v1's own tree, or cgroup v2's."""
+    if os.path.isdir("/sys/fs/cgroup/pids"):
+        return "/sys/fs/cgroup/pids", "pids"
+    with contextlib.suppress(OSError), open("/sys/fs/cgroup/cgroup.controllers") as f:
+        if "pids" in f.read().split():
+            return "/sys/fs/cgroup", ""
+    return None, None
+
+
+PIDS_TREE, PIDS_KEY = pids_hierarchy()
+needs_pids_tree = pytest.mark.skipif(not ROOT or not PIDS_TREE, reason="needs root and the pids controller")
 
 
 def launchers_of(server):
@@ -1093,7 +1103,7 @@ def test_an_init_pool_that_cannot_make_inits_fails_starts_clearly_and_makes_them
     assert wait_until(lambda: inits_ready(server))  # none is being made
     (launcher,) = launchers_of(server)
     with open(f"/proc/{launcher}/cgroup") as f:
-        home = next(line.split(":", 2)[2] for line in f.read().splitlines() if line.split(":")[1] == "pids")
+        home = next(line.split(":", 2)[2] for line in f.read().splitlines() if line.split(":", 2)[1] == PIDS_KEY)
     cap = pathlib.Path(PIDS_TREE, f"jobworker-test-{marker()}")
     cap.mkdir()
     try:
@@ -1355,6 +1365,14 @@ def test_cgroup_v2_path_places_kills_and_removes_job_groups(pki, tmp_path):
 
 
 @needs_root
+def test_a_job_reports_the_peak_memory_it_used(admin):
+    """memory.peak on cgroup v2, max_usage_in_bytes on v1: a job that touches 64 MiB reports at least that."""
+    ran = run_job(admin, py("data = b'x' * (64 << 20)\nprint(len(data))"))
+    assert ran.out == b"67108864\n" and ran.status.exit_code == 0, ran.err
+    assert 64 * MiB <= ran.status.usage.peak_memory_bytes < 112 * MiB, ran.status.usage
+
+
+@needs_root
 def test_an_oom_kill_takes_the_whole_job_on_cgroup_v2(admin):
     """memory.oom.group: the kernel kills every process of a job over its memory limit, not only the one that asked
     for the memory; a shell that would report its child's death never gets to."""
@@ -1366,6 +1384,44 @@ def test_an_oom_kill_takes_the_whole_job_on_cgroup_v2(admin):
     assert ran.status.state == pb.OOM_KILLED and ran.status.signal == signal.SIGKILL, ran
     assert b"survived" not in ran.out and ran.status.usage.oom_killed
     assert processes_with(label) == []
+
+
+def a_disk_directory():
+    """A new directory anyone may write in, on a block device (the tests' temporary directory, or the cgroup v2
+    VM's disk when that is on tmpfs), or None."""
+    for parent in (tempfile.gettempdir(), "/mnt/data"):
+        if os.path.isdir(parent) and jobworker.block_device_of(parent):
+            directory = tempfile.mkdtemp(prefix="jobworker-disk-", dir=parent)
+            os.chmod(directory, 0o777)  # jobs run as nobody
+            return directory
+    return None
+
+
+@needs_root
+def test_disk_limits_hold_a_jobs_direct_reads_and_writes_on_the_data_directorys_disk(pki):
+    """io.max on cgroup v2 (blkio's throttle on v1), on the disk of the server's data directory: 8 MiB written and
+    read back with O_DIRECT at 2 MiB/s take at least 2.5 s each, and at least twice as long as without a limit."""
+    directory = a_disk_directory()
+    if directory is None:
+        pytest.skip("no directory on a block device")
+    try:
+        server = Server(pki, os.path.join(directory, "server"))
+        admin = server.client()
+        target = os.path.join(directory, "written")
+        write = ["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=8", "oflag=direct", "status=none"]
+        read = ["dd", f"if={target}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none"]
+        times = {}
+        for name, command, limit in (("write", write, "io_write_bps"), ("read", read, "io_read_bps")):
+            for limited in (False, True):
+                ran = run_job(admin, command, **({limit: 2 * MiB} if limited else {}))
+                assert ran.status.exit_code == 0, ran.err
+                assert getattr(ran.status.isolation.limits, limit) == (2 * MiB if limited else 0)
+                times[name, limited] = wall_seconds(ran.status)
+        for name in ("write", "read"):
+            assert times[name, True] >= 2.5 and times[name, True] >= 2 * times[name, False], times
+        server.stop()
+    finally:
+        shutil.rmtree(directory)
 
 
 @needs_root
@@ -1438,6 +1494,28 @@ def test_a_server_in_a_cgroup_it_shares_writes_nothing_there_and_says_in_one_lin
         os.rmdir(shared)
 
 
+@needs_root
+def test_a_job_whose_init_does_not_act_on_a_kill_is_killed_with_its_whole_cgroup(admin, server):
+    """A stopped init takes no order: a forced Stop kills it, and the job's cgroup (cgroup.kill on v2), after
+    KILL_GRACE; everything of the job ends, and its group goes."""
+    label = marker()
+    job_id = admin.start(["sh", "-c", f"sleep {label} & echo ready; wait"])
+    wait_for_output(admin.stub, job_id, b"ready\n")
+    init = int(proc_status(admin.query(job_id).pid)["PPid"])
+    assert proc_status(init)["Name"] == "jobworker-init"
+    groups = {os.path.basename(path) for path in cgroups_of(server.proc.pid)}
+    assert job_id in groups
+    os.kill(init, signal.SIGSTOP)
+    asked = time.monotonic()
+    status = admin.stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=60)
+    assert status.state == pb.STOPPED and status.signal == signal.SIGKILL, status
+    assert time.monotonic() - asked >= jobworker.KILL_GRACE, "the stopped init carried out the kill"
+    assert processes_with(label) == [] and not os.path.exists(f"/proc/{init}")
+    assert wait_until(lambda: job_id not in {os.path.basename(path) for path in cgroups_of(server.proc.pid)}), \
+        "the job's cgroup is still there"
+    assert f"cgroup kill of job {job_id}" not in server.read_log()
+
+
 # A server started with an ambient capability, which no job may keep (where util-linux's setpriv can start one).
 AMBIENT_CAPABILITY = (("setpriv", "--inh-caps", "+net_raw", "--ambient-caps", "+net_raw") if shutil.which("setpriv")
                       else ())
@@ -1502,15 +1580,15 @@ def test_isolation_off_every_job_has_an_init_of_its_own_and_its_users_rights_onl
 def test_isolation_off_a_job_that_kills_or_stops_its_init_still_ends_and_leaves_nothing(plain_server, gate):
     """Jobs and their inits share a user: a job can kill its init, or stop it."""
     admin = plain_server.client()
-    # Killed: the job ends as killed, and what it left running ends too (it holds the job's stdout: the job would not
-    # end otherwise).
+    # Killed: the job ends as killed, and what it left running ends too: it comes to the launcher, which kills it once
+    # it wakes for it (the job has ended with its init: the test polls, with a bound).
     label = marker()
     job_id = admin.start(py(gate.hold("") + "import os, subprocess\n"
                             f"subprocess.Popen(['setsid', 'sleep', '{label}'])\nos.kill(os.getppid(), 9)\n"))
     gate.open()  # once its Start has returned
     status = read_stream(admin.stub, job_id).status
     assert status.state == pb.EXITED and status.signal == signal.SIGKILL
-    assert processes_with(label) == []
+    assert wait_until(lambda: processes_with(label) == [], timeout=30), "what the job left running still runs"
     # Stopped: a Stop still ends the job, by killing the init when it does not act.
     job_id = admin.start(py(gate.hold("") + "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\n"
                             "print('stopped', flush=True)\n" f"os.execvp('sleep', ['sleep', '{label}'])\n"))
