@@ -2284,8 +2284,10 @@ def serve(args):
     server = Server(args.addr, args.cert, args.key, args.ca, args.data_dir, sandbox, policy)
     logging.info("serving on %s (data in %s)", args.addr, args.data_dir)
     print(f"listening on port {server.port}", flush=True)
+    notify_systemd("READY=1")
     sig = signal.sigwait(SHUTDOWN_SIGNALS)
     logging.info("%s: stopping every job", signal.Signals(sig).name)
+    notify_systemd("STOPPING=1")
     server.shutdown()
     logging.info("stopped")
     return 0
@@ -2296,6 +2298,19 @@ def _raise_fd_limit():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # each running job holds a few descriptors
+
+
+def notify_systemd(state):
+    """Tells systemd how the service is (sd_notify: READY=1 once it serves, STOPPING=1 as it shuts down), when it runs
+    the server as a Type=notify service: a datagram to the socket it names, which may be abstract ('@')."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
+            notify.sendto(state.encode(), "\0" + address[1:] if address.startswith("@") else address)
+    except OSError as e:
+        logging.error("cannot tell systemd %s: %s", state, e)
 
 
 def _check_address_and_data_dir(addr, data_dir):
