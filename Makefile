@@ -5,6 +5,8 @@
 # make gen    - regenerate gen/ from jobworker.proto
 # make cert   - a CA, a server certificate and one client certificate per role, under certs/ (never overwritten)
 # make renew-certs - throw the certificates and keys away and make new ones
+# make install-service - (as root) jobworker.service for this checkout, its certificates in /etc/jobworker, and
+#                systemd reloaded; then `systemctl enable --now jobworker`. Certificates there are never overwritten
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +14,7 @@ PY := $(VENV)/bin/python
 ROLES := admin user observer
 DAYS := 825
 
-.PHONY: serve test reliability bench gen cert renew-certs clean
+.PHONY: serve test reliability bench gen cert renew-certs install-service clean
 .DELETE_ON_ERROR:
 .PRECIOUS: certs/%.key
 
@@ -24,6 +26,15 @@ test: $(VENV)/.installed cert
 
 reliability: $(VENV)/.installed cert
 	$(PY) -m pytest -q -s --durations=0 -k reliability $(PYTEST_ARGS) test_jobworker.py
+
+install-service: $(VENV)/.installed cert
+	@test "$$(id -u)" = 0 || { echo "make install-service: run it as root (sudo make install-service)" >&2; exit 1; }
+	install -d -m 700 /etc/jobworker
+	if [ -e /etc/jobworker/server.key ]; then echo "keeping the certificates and key in /etc/jobworker"; \
+	else install -m 600 certs/server.pem certs/server.key certs/ca.pem /etc/jobworker/; fi
+	sed 's|@HERE@|$(CURDIR)|g' jobworker.service > /etc/systemd/system/jobworker.service
+	systemctl daemon-reload
+	@echo "installed /etc/systemd/system/jobworker.service: systemctl enable --now jobworker"
 
 bench: $(VENV)/.installed cert
 	$(PY) bench_jobworker.py
