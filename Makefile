@@ -5,14 +5,23 @@
 # make gen    - regenerate gen/ from jobworker.proto
 # make cert   - a CA, a server certificate and one client certificate per role, under certs/ (never overwritten)
 # make renew-certs - throw the certificates and keys away and make new ones
+# make install-service - (as root) jobworker.service for this checkout, its certificates in /etc/jobworker, and
+#                systemd reloaded; then `systemctl enable --now jobworker`. Certificates there are never overwritten
+# make test-cgroup2 - on a cgroup v2 kernel, in a virtual machine (CGROUP2_VM): the isolation tests, with pytest's
+#                temporary directories on tmpfs and on a disk, then the service's tests with systemd as PID 1
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 ROLES := admin user observer
 DAYS := 825
+CGROUP2_VM ?= ../shared/tools/cgroup2-vm
+# What make test-cgroup2 runs of test_jobworker.py: the tests that make, limit, read, kill or remove cgroups, or run
+# jobs in namespaces (the whole suite takes about half an hour in the emulated VM; these, a few minutes).
+CGROUP2_TESTS := (isolation or cgroup or limit or memory or oom or quota or processes or mount or daemon or zombies \
+  or unprivileged or outright or forked or init_pool or init_does or disk or tmpfs) and not reliability or fork_bomb
 
-.PHONY: serve test reliability bench gen cert renew-certs clean
+.PHONY: serve test reliability bench gen cert renew-certs install-service test-cgroup2 clean
 .DELETE_ON_ERROR:
 .PRECIOUS: certs/%.key
 
@@ -24,6 +33,21 @@ test: $(VENV)/.installed cert
 
 reliability: $(VENV)/.installed cert
 	$(PY) -m pytest -q -s --durations=0 -k reliability $(PYTEST_ARGS) test_jobworker.py
+
+test-cgroup2: $(VENV)/.installed cert
+	$(CGROUP2_VM) --timeout 1200 -- sh -c '$(PY) -m pytest -q -k "$(CGROUP2_TESTS)" $(PYTEST_ARGS) test_jobworker.py && \
+	  $(PY) -m pytest -q -k "$(CGROUP2_TESTS)" --basetemp=/mnt/data/pytest $(PYTEST_ARGS) test_jobworker.py'
+	$(CGROUP2_VM) --systemd --ro-cwd --timeout 900 -e JOBWORKER_TEST_SYSTEMD=1 -- \
+	  $(PY) -m pytest -q $(PYTEST_ARGS) test_hosts.py
+
+install-service: $(VENV)/.installed cert
+	@test "$$(id -u)" = 0 || { echo "make install-service: run it as root (sudo make install-service)" >&2; exit 1; }
+	install -d -m 700 /etc/jobworker
+	if [ -e /etc/jobworker/server.key ]; then echo "keeping the certificates and key in /etc/jobworker"; \
+	else install -m 600 certs/server.pem certs/server.key certs/ca.pem /etc/jobworker/; fi
+	sed 's|@HERE@|$(CURDIR)|g' jobworker.service > /etc/systemd/system/jobworker.service
+	systemctl daemon-reload
+	@echo "installed /etc/systemd/system/jobworker.service: systemctl enable --now jobworker"
 
 bench: $(VENV)/.installed cert
 	$(PY) bench_jobworker.py

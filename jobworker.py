@@ -1196,6 +1196,7 @@ class LimitPolicy:
         self.maxima = {"cpu_cores": float(os.cpu_count() or 1), "memory_bytes": memory_total(),
                        "io_read_bps": 0, "io_write_bps": 0, "pids": 32768}
         self.maxima.update(maxima or {})
+        self.unavailable = {}  # controller -> why this server cannot enforce its limits, for the refusal
         self.available = set(available)
         for name, value in self.defaults.items():
             if self.maxima[name] and value > self.maxima[name]:
@@ -1212,7 +1213,9 @@ class LimitPolicy:
                 raise Refused("INVALID_ARGUMENT", f"cpu_cores must be a finite number >= 0, not {value}")
             available = self.CONTROLLER[name] in self.available
             if value and not available:
-                raise Refused("FAILED_PRECONDITION", f"{name} limits are not available on this server")
+                why = self.unavailable.get(self.CONTROLLER[name])
+                raise Refused("FAILED_PRECONDITION", f"{name} limits are not available on this server" +
+                              (f": {why}" if why else ""))
             if self.maxima[name] and value > self.maxima[name]:
                 raise Refused("INVALID_ARGUMENT", f"{name} {value:g} exceeds this server's maximum of "
                                                   f"{self.maxima[name]:g}")
@@ -1233,10 +1236,26 @@ def memory_total():
 
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # where a job's commands are looked for
 NAMESPACES = {"pid": CLONE_NEWPID, "mount": CLONE_NEWNS, "network": CLONE_NEWNET}
+CONTROLLERS = ("cpu", "memory", "io", "pids")  # what the limits need
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")  # whose writes are memory: there is no disk to limit, the memory limit does
+SCOPE_ASKED = "JOBWORKER_SCOPE_ASKED"  # set once the server has asked systemd for a scope, so that it asks once
+
+
+class Unusable(Exception):
+    """Cgroups this server may not use as they are: what is wrong, and the command that fixes it."""
+
+    def __init__(self, problem, fix):
+        super().__init__(problem)
+        self.fix = fix
 
 
 class Sandbox:
-    """What confines every job on this server: the isolation mode, its cgroups, namespaces, user and environment."""
+    """What confines every job on this server: the isolation mode, its cgroups, namespaces, user and environment.
+
+    What the host cannot give is said at start, in one line with the command that fixes it: `on` refuses to start
+    with it, `auto` runs jobs with what there is (each status says which limits apply), and a Start asking for a limit
+    this server cannot enforce is refused with the reason (`unavailable`).
+    """
 
     def __init__(self, mode="auto", run_as=None, cgroup="auto", io_device=None, data_dir="."):
         root = os.geteuid() == 0
@@ -1249,46 +1268,67 @@ class Sandbox:
         self.user, self.uid, self.gid = user.pw_name, user.pw_uid, user.pw_gid
         self.environment = {"PATH": JOB_PATH, "HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name,
                             "SHELL": "/bin/sh", "LANG": "C.UTF-8"}
-        self.mode, self.cgroups, self.namespaces, problems = mode, None, [], []
-        if mode != "off" and not root:
+        self.mode, self.cgroups, self.namespaces = mode, None, []
+        self.unavailable = {}  # controller -> why its limits cannot be had on this server
+        problems, fixes = [], []
+        if mode == "off":
+            self.unavailable = dict.fromkeys(CONTROLLERS, "isolation is off")
+        elif not root:
             problems.append("isolation needs root")
-        elif mode != "off":
-            try:
-                self.cgroups = Cgroups.detect(cgroup, io_device or block_device_of(data_dir))
-            except OSError as e:
-                problems.append(f"cgroups: {e}")
-            if self.cgroups is None:
-                problems.append("no usable cgroup hierarchy")
-            else:
-                missing = {"cpu", "memory", "io", "pids"} - self.cgroups.controllers
-                if missing:
-                    problems.append(f"cgroup {self.cgroups.version} lacks the {', '.join(sorted(missing))} "
-                                    "controller(s)")
-                if not self.cgroups.io_device:
-                    problems.append("no block device under the data directory: disk limits are unavailable")
+            fixes.append("start the server as root")
+            self.unavailable = dict.fromkeys(CONTROLLERS, "isolation needs root")
+        else:
+            self._find_cgroups(cgroup, io_device, data_dir, problems, fixes)
             for name, flag in NAMESPACES.items():
                 if _can_unshare(flag):
                     self.namespaces.append(name)
                 else:
                     problems.append(f"{name} namespaces are unavailable")
+        line = "; ".join(problems) + (f" (to fix: {'; '.join(fixes)})" if fixes else "")
         if problems and mode == "on":
             if self.cgroups:
                 self.cgroups.close()
-            raise SystemExit("jobworker: --isolation on, but " + "; ".join(problems))
-        for problem in problems:
-            logging.warning("isolation: %s", problem)
+            raise SystemExit("jobworker: --isolation on, but " + line)
+        if problems:
+            logging.warning("isolation: %s", line)
         self.namespace_flags = sum(NAMESPACES[name] for name in self.namespaces)
-        logging.info("isolation %s: cgroup %s (%s), namespaces %s, jobs run as %s", mode,
-                     self.cgroups.version if self.cgroups else "none",
-                     ", ".join(sorted(self.cgroups.controllers)) if self.cgroups else "-",
+        logging.info("isolation %s: cgroup %s (limits: %s), namespaces %s, jobs run as %s", mode,
+                     self.cgroups.version if self.cgroups else "none", ", ".join(sorted(self.controllers)) or "none",
                      ", ".join(self.namespaces) or "none", self.user)
+
+    def _find_cgroups(self, choice, io_device, data_dir, problems, fixes):
+        """Finds the cgroups jobs go in, and what of them is missing."""
+        try:
+            self.cgroups = Cgroups.detect(choice, io_device or block_device_of(data_dir))
+            if self.cgroups is None:
+                raise Unusable("no usable cgroup hierarchy", "mount cgroup2 at /sys/fs/cgroup")
+        except (Unusable, OSError) as e:
+            problem = str(e) if isinstance(e, Unusable) else f"cgroups: {e}"
+            problems.append(problem)
+            fixes += [e.fix] if isinstance(e, Unusable) else []
+            self.unavailable = dict.fromkeys(CONTROLLERS, problem)
+            return
+        missing = [controller for controller in CONTROLLERS if controller not in self.cgroups.controllers]
+        if missing:
+            problems.append(f"cgroup {self.cgroups.version} lacks the {', '.join(missing)} controller(s)")
+            fixes.append(self.cgroups.MISSING_FIX)
+            self.unavailable.update({controller: f"its cgroup {self.cgroups.version} hierarchy has no {controller} "
+                                                 "controller for it" for controller in missing})
+        if "io" not in missing and not self.cgroups.io_device:
+            filesystem = filesystem_of(data_dir)
+            if filesystem in MEMORY_FILESYSTEMS:  # not a problem: what jobs write there, memory limits cover
+                self.unavailable["io"] = (f"the data directory is on {filesystem}, whose writes are memory (memory "
+                                          "limits cover them): there is no disk to limit")
+            else:
+                problems.append(f"no block device under the data directory ({filesystem}): disk limits are "
+                                "unavailable")
+                fixes.append("--io-device MAJ:MIN, or a data directory on a disk")
+                self.unavailable["io"] = f"there is no block device under the data directory ({filesystem})"
 
     @property
     def controllers(self):
         """The limits this server can enforce, by controller."""
-        if not self.cgroups:
-            return set()
-        return self.cgroups.controllers - (set() if self.cgroups.io_device else {"io"})
+        return {controller for controller in CONTROLLERS if controller not in self.unavailable}
 
 
 def _can_unshare(flag):
@@ -1308,6 +1348,57 @@ def block_device_of(path):
     if os.path.exists(os.path.join(sysfs, "partition")):
         return _read(os.path.join(sysfs, "..", "dev")).strip()
     return _read(os.path.join(sysfs, "dev")).strip()
+
+
+def filesystem_of(path):
+    """The type of the file system path is on ("ext4", "tmpfs", ...), from the mount of its device."""
+    device = os.stat(path).st_dev
+    for line in _read("/proc/self/mountinfo").splitlines():
+        fields = line.split()
+        if fields[2] == f"{os.major(device)}:{os.minor(device)}":
+            return fields[fields.index("-") + 1]
+    return "an unknown file system"
+
+
+def on_systemd():
+    """Whether systemd is this host's init (the test sd_booted() makes)."""
+    return os.path.isdir("/run/systemd/system")
+
+
+def systemd_delegated(directory):
+    """Whether systemd has delegated this cgroup (Delegate=yes) to the process in it. systemd marks the cgroups it
+    delegates with an extended attribute; one too old for that is asked for the unit's Delegate property."""
+    with contextlib.suppress(OSError):  # no such attribute: not delegated, or by a systemd that does not mark it
+        return os.getxattr(directory, "trusted.delegate") == b"1"
+    unit = os.path.basename(directory)
+    if not unit.endswith((".service", ".scope")):
+        return False
+    shown = subprocess.run(["systemctl", "show", "--property=Delegate", "--value", unit], capture_output=True,
+                           text=True, timeout=60)
+    return shown.stdout.strip() == "yes"
+
+
+def into_a_delegated_scope(isolation, cgroup):
+    """Started by hand on a systemd host, the server is in a cgroup of systemd's that is not its own to divide: a login
+    session's scope, which holds the shell too. It asks systemd for one of its own, through systemd's interface for
+    that: it runs itself again, in place (the same pid, descriptors and environment), in a transient scope with
+    Delegate=yes, as `systemd-run --scope -p Delegate=yes` makes. Once: a variable says it has asked. A service is left
+    where it is (moving its main process out of it would end it in systemd's eyes): its unit must delegate."""
+    if os.geteuid() != 0 or isolation == "off" or os.environ.get(SCOPE_ASKED) or not on_systemd() or \
+            not shutil.which("systemd-run"):
+        return
+    version, mount_point = Cgroups.hierarchy(cgroup)
+    if version != "v2":
+        return
+    own = CgroupV2.own(mount_point)
+    if own == mount_point or own.endswith(".service") or systemd_delegated(own):
+        return
+    os.environ[SCOPE_ASKED] = "1"
+    argv = ["systemd-run", "--scope", "-p", "Delegate=yes", "--quiet", "--collect", f"--unit=jobworker-{os.getpid()}",
+            "--", sys.executable, *sys.argv]
+    logging.info("isolation: the cgroup %s is systemd's, not delegated to this server: running again in a scope of "
+                 "its own, jobworker-%d.scope (%s)", own[len(mount_point):], os.getpid(), " ".join(argv[:7]))
+    os.execvp(argv[0], argv)
 
 
 class Cgroups:
@@ -1337,8 +1428,9 @@ class Cgroups:
         return f"{Cgroups.PREFIX}{pid}-{os.stat('/proc/self/ns/pid').st_ino}"
 
     @staticmethod
-    def detect(choice="auto", io_device=None):
-        """Cgroups for this host (`choice` of auto, v1, v2), or None when there is none we can use."""
+    def hierarchy(choice="auto"):
+        """Which cgroups this host's jobs go in (`choice` of auto, v1, v2): ("v2", its mount point), ("v1", {controller:
+        its mount point}), or (None, None) when there are none we can use."""
         mounts = []
         for line in _read("/proc/self/mountinfo").splitlines():
             fields = line.split()
@@ -1346,11 +1438,18 @@ class Cgroups:
             mounts.append((fields[4].replace("\\040", " "), tail[0], set(tail[2].split(","))))
         v2 = next((point for point, fstype, _ in mounts if fstype == "cgroup2"), None)
         v1 = {option: point for point, fstype, options in mounts if fstype == "cgroup" for option in options}
-        if choice == "v2" or (choice == "auto" and v2 and (not v1 or CgroupV2.has_controllers(v2))):
-            return CgroupV2(v2, io_device) if v2 else None
-        if choice in ("v1", "auto") and v1:
-            return CgroupV1(v1, io_device)
-        return None
+        if v2 and (choice == "v2" or (choice == "auto" and (not v1 or CgroupV2.has_controllers(v2)))):
+            return "v2", v2
+        if v1 and choice in ("v1", "auto"):
+            return "v1", v1
+        return None, None
+
+    @staticmethod
+    def detect(choice="auto", io_device=None):
+        """Cgroups for this host (`choice` of auto, v1, v2), or None when there is none we can use; Unusable when the
+        server may not use them as they are."""
+        version, mounts = Cgroups.hierarchy(choice)
+        return CgroupV2(mounts, io_device) if version == "v2" else CgroupV1(mounts, io_device) if version else None
 
     def create(self, name):
         """Makes a group; returns its directories."""
@@ -1424,19 +1523,55 @@ class Cgroups:
 
 
 class CgroupV2(Cgroups):
+    """cgroup v2: the server's own cgroup is the one it divides among its jobs, so it must be the server's to divide.
+
+    It is when it is the root of the tree (no manager above, or a container's cgroup namespace), when systemd has
+    delegated it (Delegate=yes: the service unit, or the scope a server started by hand asks for), or, on a host
+    without systemd, when no other process is in it. Otherwise the server writes nothing there, and says what to do.
+    """
+
     version = "v2"
-    WANTED = ("cpu", "memory", "io", "pids")
+    WANTED = CONTROLLERS
+    MISSING_FIX = ("enable them in the parent cgroup's cgroup.subtree_control (systemd does, for a unit with "
+                   "Delegate=yes: make install-service), or use --cgroup v1 where the kernel has them there")
 
     @staticmethod
     def has_controllers(mount_point):
         return bool(set(_read(os.path.join(mount_point, "cgroup.controllers")).split()) & set(CgroupV2.WANTED))
 
+    @staticmethod
+    def own(mount_point):
+        """The directory of this process's cgroup."""
+        path = next(line[3:] for line in _read("/proc/self/cgroup").splitlines() if line.startswith("0::"))
+        return os.path.normpath(os.path.join(mount_point, path.lstrip("/")))
+
+    @staticmethod
+    def check_ours(mount_point, own):
+        """Raises Unusable unless the cgroup `own` is this server's to divide."""
+        name = own[len(mount_point):] or "/"
+        if own == mount_point:
+            return
+        if on_systemd():
+            if systemd_delegated(own):
+                return
+            fix = ("add Delegate=yes to its unit's [Service] (systemctl edit), as jobworker.service has"
+                   if own.endswith(".service") else "run it as the jobworker service (make install-service), or "
+                   "in a scope of its own: systemd-run --scope -p Delegate=yes -- python3 jobworker.py serve ...")
+            raise Unusable(f"its cgroup {name} is systemd's, not delegated to it", fix)
+        others = set(_read(os.path.join(own, "cgroup.procs")).split()) - {str(os.getpid())}
+        if others:
+            group = os.path.join(mount_point, "jobworker")
+            raise Unusable(f"its cgroup {name} holds {len(others)} other process(es), so it cannot give jobs "
+                           "controllers of their own", f"start it alone in a cgroup: mkdir {group}; sh -c 'echo $$ > "
+                           f"{group}/cgroup.procs && exec python3 jobworker.py serve ...'")
+
     def __init__(self, mount_point, io_device):
-        own_path = next(line[3:] for line in _read("/proc/self/cgroup").splitlines() if line.startswith("0::"))
-        own = os.path.join(mount_point, own_path.lstrip("/"))
-        if os.path.realpath(own) != os.path.realpath(mount_point):
+        mount_point = os.path.normpath(mount_point)
+        own = self.own(mount_point)
+        self.check_ours(mount_point, own)
+        if own != mount_point:
             # A non-root group with processes in it cannot hand controllers to children ("no internal processes"),
-            # so the server moves itself into a leaf of its own group, as a delegated systemd service does.
+            # so the server moves itself into a leaf of its own group, as systemd's delegation rules ask.
             leaf = os.path.join(own, "supervisor")
             os.makedirs(leaf, exist_ok=True)
             _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
@@ -1458,6 +1593,10 @@ class CgroupV2(Cgroups):
 
         if limits["cpu_cores"] and "cpu" in self.controllers:
             put("cpu.max", f"{max(1000, int(limits['cpu_cores'] * self.PERIOD_US))} {self.PERIOD_US}", "cpu_cores")
+        if "memory" in self.controllers and os.path.exists(os.path.join(directory, "memory.oom.group")):
+            # An OOM kill takes the whole job, its init too, as it takes a container: what a job has left once the
+            # kernel killed one of its processes is rarely of use, and the job's status says OOM_KILLED.
+            _write(os.path.join(directory, "memory.oom.group"), "1")
         if limits["memory_bytes"] and "memory" in self.controllers:
             put("memory.max", str(limits["memory_bytes"]), "memory_bytes")
             if os.path.exists(os.path.join(directory, "memory.swap.max")):
@@ -1489,6 +1628,7 @@ class CgroupV2(Cgroups):
 class CgroupV1(Cgroups):
     version = "v1"
     TREES = {"cpu": "cpu", "cpuacct": None, "memory": "memory", "blkio": "io", "pids": "pids"}
+    MISSING_FIX = "mount their cgroup v1 hierarchies, or boot with cgroup v2"
 
     def __init__(self, mounts, io_device):
         own = {}
@@ -2687,12 +2827,14 @@ def serve(args):
     _raise_fd_limit()
     check_tls_files(args.cert, args.key, args.ca)
     _check_address_and_data_dir(args.addr, args.data_dir)
+    into_a_delegated_scope(args.isolation, args.cgroup)  # on a systemd host, may run the server again in a scope
     try:
         policy = LimitPolicy(dict(args.defaults), dict(args.maxima))
     except ValueError as e:
         raise SystemExit(f"jobworker: {e}") from None
     sandbox = Sandbox(args.isolation, args.run_as, args.cgroup, args.io_device, args.data_dir)
     policy.available = sandbox.controllers
+    policy.unavailable = sandbox.unavailable
     # Blocked before any thread starts, so that every thread inherits the mask and only sigwait() below takes them: a
     # Python handler would run only when the main thread next runs bytecode, and it may be waiting on a lock.
     signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
@@ -2701,8 +2843,10 @@ def serve(args):
                     min_free=args.min_free)
     logging.info("jobworker %s serving on %s (data in %s)", VERSION, args.addr, args.data_dir)
     print(f"listening on port {server.port}", flush=True)
+    notify_systemd("READY=1")
     sig = signal.sigwait(SHUTDOWN_SIGNALS)
     logging.info("%s: stopping every job", signal.Signals(sig).name)
+    notify_systemd("STOPPING=1")
     server.shutdown()
     logging.info("stopped")
     return 0
@@ -2713,6 +2857,19 @@ def _raise_fd_limit():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # each running job holds a few descriptors
+
+
+def notify_systemd(state):
+    """Tells systemd how the service is (sd_notify: READY=1 once it serves, STOPPING=1 as it shuts down), when it runs
+    the server as a Type=notify service: a datagram to the socket it names, which may be abstract ('@')."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
+            notify.sendto(state.encode(), "\0" + address[1:] if address.startswith("@") else address)
+    except OSError as e:
+        logging.error("cannot tell systemd %s: %s", state, e)
 
 
 def _check_address_and_data_dir(addr, data_dir):

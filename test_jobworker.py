@@ -1696,8 +1696,18 @@ def test_limit_policy_refuses_what_is_over_a_maximum_unavailable_or_unusable():
     assert bare.resolve({"cpu_cores": float(os.cpu_count())})["cpu_cores"] == os.cpu_count()
 
 
-PIDS_TREE = "/sys/fs/cgroup/pids"  # cgroup v1's
-needs_pids_tree = pytest.mark.skipif(not ROOT or not os.path.isdir(PIDS_TREE), reason="needs root and cgroup v1's pids")
+def pids_hierarchy():
+    """Where the pids controller is, and how /proc/PID/cgroup names its tree: cgroup v1's own tree, or cgroup v2's."""
+    if os.path.isdir("/sys/fs/cgroup/pids"):
+        return "/sys/fs/cgroup/pids", "pids"
+    with contextlib.suppress(OSError), open("/sys/fs/cgroup/cgroup.controllers") as f:
+        if "pids" in f.read().split():
+            return "/sys/fs/cgroup", ""
+    return None, None
+
+
+PIDS_TREE, PIDS_KEY = pids_hierarchy()
+needs_pids_tree = pytest.mark.skipif(not ROOT or not PIDS_TREE, reason="needs root and the pids controller")
 
 
 def launchers_of(server):
@@ -1754,7 +1764,7 @@ def test_an_init_pool_that_cannot_make_inits_fails_starts_clearly_and_makes_them
     assert wait_until(lambda: inits_ready(server))  # none is being made
     (launcher,) = launchers_of(server)
     with open(f"/proc/{launcher}/cgroup") as f:
-        home = next(line.split(":", 2)[2] for line in f.read().splitlines() if line.split(":")[1] == "pids")
+        home = next(line.split(":", 2)[2] for line in f.read().splitlines() if line.split(":", 2)[1] == PIDS_KEY)
     cap = pathlib.Path(PIDS_TREE, f"jobworker-test-{marker()}")
     cap.mkdir()
     try:
@@ -2013,6 +2023,158 @@ def test_cgroup_v2_path_places_kills_and_removes_job_groups(pki, tmp_path):
     admin.stop(job_id, force=True)
     assert processes_with(label) == []
     assert not os.path.exists(group)
+
+
+@needs_root
+def test_a_job_reports_the_peak_memory_it_used(admin):
+    """memory.peak on cgroup v2, max_usage_in_bytes on v1: a job that touches 64 MiB reports at least that."""
+    ran = run_job(admin, py("data = b'x' * (64 << 20)\nprint(len(data))"))
+    assert ran.out == b"67108864\n" and ran.status.exit_code == 0, ran.err
+    assert 64 * MiB <= ran.status.usage.peak_memory_bytes < 112 * MiB, ran.status.usage
+
+
+@needs_root
+def test_an_oom_kill_takes_the_whole_job_on_cgroup_v2(admin):
+    """memory.oom.group: the kernel kills every process of a job over its memory limit, not only the one that asked
+    for the memory; a shell that would report its child's death never gets to."""
+    label = marker()
+    ran = run_job(admin, ["sh", "-c", f"sleep {label} & python3 -c 'data = b\"x\" * (256 << 20)'; echo survived $?"],
+                  memory_bytes=32 * MiB)
+    if ran.status.isolation.cgroup != "v2":
+        pytest.skip("memory.oom.group is cgroup v2's")
+    assert ran.status.state == pb.OOM_KILLED and ran.status.signal == signal.SIGKILL, ran
+    assert b"survived" not in ran.out and ran.status.usage.oom_killed
+    assert processes_with(label) == []
+
+
+def a_disk_directory():
+    """A new directory anyone may write in, on a block device (the tests' temporary directory, or the cgroup v2
+    VM's disk when that is on tmpfs), or None."""
+    for parent in (tempfile.gettempdir(), "/mnt/data"):
+        if os.path.isdir(parent) and jobworker.block_device_of(parent):
+            directory = tempfile.mkdtemp(prefix="jobworker-disk-", dir=parent)
+            os.chmod(directory, 0o777)  # jobs run as nobody
+            return directory
+    return None
+
+
+@needs_root
+def test_disk_limits_hold_a_jobs_direct_reads_and_writes_on_the_data_directorys_disk(pki):
+    """io.max on cgroup v2 (blkio's throttle on v1), on the disk of the server's data directory: 8 MiB written and
+    read back with O_DIRECT at 2 MiB/s take at least 2.5 s each, and at least twice as long as without a limit."""
+    directory = a_disk_directory()
+    if directory is None:
+        pytest.skip("no directory on a block device")
+    try:
+        server = Server(pki, os.path.join(directory, "server"))
+        admin = server.client()
+        target = os.path.join(directory, "written")
+        write = ["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=8", "oflag=direct", "status=none"]
+        read = ["dd", f"if={target}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none"]
+        times = {}
+        for name, command, limit in (("write", write, "io_write_bps"), ("read", read, "io_read_bps")):
+            for limited in (False, True):
+                ran = run_job(admin, command, **({limit: 2 * MiB} if limited else {}))
+                assert ran.status.exit_code == 0, ran.err
+                assert getattr(ran.status.isolation.limits, limit) == (2 * MiB if limited else 0)
+                times[name, limited] = wall_seconds(ran.status)
+        for name in ("write", "read"):
+            assert times[name, True] >= 2.5 and times[name, True] >= 2 * times[name, False], times
+        server.stop()
+    finally:
+        shutil.rmtree(directory)
+
+
+@needs_root
+def test_a_data_directory_on_tmpfs_isolates_jobs_and_refuses_disk_limits_saying_why(pki):
+    """/dev/shm is a tmpfs: what a job writes there is memory, which its memory limit covers. Isolation is on, with
+    every other limit; a disk limit is refused, and the refusal says why."""
+    directory = tempfile.mkdtemp(prefix="jobworker-tmpfs-", dir="/dev/shm")
+    try:
+        server = Server(pki, directory, "--isolation", "on")
+        admin = server.client()
+        limits = {"cpu_cores": 0.5, "memory_bytes": 64 * MiB, "pids": 16}
+        ran = run_job(admin, ["true"], **limits)
+        assert ran.status.exit_code == 0 and ran.status.isolation.mode == "on"
+        assert {name: getattr(ran.status.isolation.limits, name) for name in limits} == limits
+        for limit in ("io_read_bps", "io_write_bps"):
+            refused = pytest.raises(grpc.RpcError, admin.start, ["true"], **{limit: MiB}).value
+            assert refused.code() == Code.FAILED_PRECONDITION
+            assert refused.details() == (f"{limit} limits are not available on this server: the data directory is "
+                                         "on tmpfs, whose writes are memory (memory limits cover them): there is no "
+                                         "disk to limit")
+        server.stop()
+    finally:
+        shutil.rmtree(directory)
+
+
+def cgroup2_root():
+    """Where this host mounts cgroup v2 (with or without controllers), or None."""
+    for path in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        if os.path.exists(os.path.join(path, "cgroup.procs")) and os.path.exists(os.path.join(path, "cgroup.threads")):
+            return path
+    return None
+
+
+@needs_root
+@pytest.mark.skipif(not cgroup2_root(), reason="no cgroup2 hierarchy")
+@pytest.mark.skipif(jobworker.on_systemd(), reason="on systemd the server asks for a scope (test_hosts.py)")
+def test_a_server_in_a_cgroup_it_shares_writes_nothing_there_and_says_in_one_line_how_to_fix_it(pki, tmp_path):
+    """A server started in a cgroup that holds another process too (as a login shell's is) cannot hand controllers
+    down (cgroup v2's "no internal processes"), and the cgroup is not its own. It leaves it alone: one line says what
+    is missing and how to fix it, jobs run without a cgroup (their status says so), a Start that asks for a limit
+    is refused with the reason, and --isolation on refuses to start with that line."""
+    shared = os.path.join(cgroup2_root(), f"jobworker-test-session-{marker()}")
+    os.mkdir(shared)
+    shell = subprocess.Popen(["sleep", "600"])
+    try:
+        pathlib.Path(shared, "cgroup.procs").write_text(str(shell.pid))
+        into_it = ("sh", "-c", f'echo $$ > {shared}/cgroup.procs && exec "$@"', "sh")
+        server = Server(pki, str(tmp_path / "auto"), "--cgroup", "v2", prefix=into_it)
+        problem = (f"its cgroup /{os.path.basename(shared)} holds 1 other process(es), so it cannot give jobs "
+                   "controllers of their own")
+        warnings = [line for line in server.read_log().splitlines() if " WARNING isolation: " in line]
+        assert len(warnings) == 1 and problem in warnings[0] and "(to fix: start it alone in a cgroup: " in \
+            warnings[0], server.read_log()
+        assert not [entry for entry in os.scandir(shared) if entry.is_dir()], "the server wrote in a cgroup not its own"
+        admin = server.client()
+        status = run_job(admin, ["true"]).status
+        assert status.exit_code == 0 and status.isolation.cgroup == "" and status.isolation.limits == pb.Limits()
+        assert set(status.isolation.namespaces) == {"pid", "mount", "network"}
+        refused = pytest.raises(grpc.RpcError, admin.start, ["true"], memory_bytes=64 * MiB).value
+        assert refused.code() == Code.FAILED_PRECONDITION
+        assert refused.details() == f"memory_bytes limits are not available on this server: {problem}"
+        assert server.stop() == 0
+        with pytest.raises(RuntimeError) as refusal:
+            Server(pki, str(tmp_path / "on"), "--cgroup", "v2", "--isolation", "on", prefix=into_it)
+        assert f"jobworker: --isolation on, but {problem}" in str(refusal.value)
+    finally:
+        shell.kill()
+        shell.wait()
+        wait_until(lambda: not pathlib.Path(shared, "cgroup.procs").read_text().split(), timeout=30)
+        os.rmdir(shared)
+
+
+@needs_root
+def test_a_job_whose_init_does_not_act_on_a_kill_is_killed_with_its_whole_cgroup(admin, server):
+    """A stopped init takes no order: a forced Stop kills it, and the job's cgroup (cgroup.kill on v2), after
+    KILL_GRACE; everything of the job ends, and its group goes."""
+    label = marker()
+    job_id = admin.start(["sh", "-c", f"sleep {label} & echo ready; wait"])
+    wait_for_output(admin.stub, job_id, b"ready\n")
+    init = int(proc_status(admin.query(job_id).pid)["PPid"])
+    assert proc_status(init)["Name"] == "jobworker-init"
+    groups = {os.path.basename(path) for path in cgroups_of(server.proc.pid)}
+    assert job_id in groups
+    os.kill(init, signal.SIGSTOP)
+    asked = time.monotonic()
+    status = admin.stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=60)
+    assert status.state == pb.STOPPED and status.signal == signal.SIGKILL, status
+    assert time.monotonic() - asked >= jobworker.KILL_GRACE, "the stopped init carried out the kill"
+    assert processes_with(label) == [] and not os.path.exists(f"/proc/{init}")
+    assert wait_until(lambda: job_id not in {os.path.basename(path) for path in cgroups_of(server.proc.pid)}), \
+        "the job's cgroup is still there"
+    assert f"cgroup kill of job {job_id}" not in server.read_log()
 
 
 # A server started with an ambient capability, which no job may keep (where util-linux's setpriv can start one).
