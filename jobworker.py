@@ -2000,11 +2000,7 @@ class InitHandle:
         finally:
             self.channel.close()
             os.close(self.pidfd)
-            if self.group:
-                try:
-                    self.sandbox.cgroups.remove(self.group)
-                except OSError as e:
-                    logging.error("cannot remove the cgroup of job %s: %s", self.id, e)
+            self._remove_group()
 
     def discard(self):
         """Ends an init that will run no job (its Start failed, or the server is closing) and removes what it had."""
@@ -2016,13 +2012,16 @@ class InitHandle:
             os.close(self.pidfd)
         if self.channel is not None:
             self.channel.close()  # an init not yet ready exits when it finds its channel closed
+        self._remove_group()
+        if self.log:
+            self.log.remove()
+
+    def _remove_group(self):
         if self.group:
             try:
                 self.sandbox.cgroups.remove(self.group)
             except OSError as e:
-                logging.error("cannot remove the cgroup %s: %s", self.group[0], e)
-        if self.log:
-            self.log.remove()
+                logging.error("cannot remove the cgroup of job %s: %s", self.id, e)
 
     def isolation(self):
         """What confines the job, as the fields of a status's Isolation (limits: those of Limits)."""
