@@ -103,6 +103,10 @@ def parse_duration(text):
     return seconds
 
 
+def shutting_down():
+    return Refused("UNAVAILABLE", "the server is shutting down")
+
+
 def parse_size(text):
     """'4096', '512K', '100M', '2G', '1T' -> bytes (binary multiples), at most UINT64_MAX."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -125,7 +129,7 @@ def parse_size(text):
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 4, 15, 38, 36
+PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 4, 15, 38, 36
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -423,8 +427,19 @@ class Server:
     RESERVED = 64   # threads streams and waits may not take, for the other calls
 
     def __init__(self, addr, cert, key, ca, data_dir, sandbox, policy, **keeping):
-        self.manager = JobManager(data_dir, sandbox, policy, **keeping)
         self.audit = Audit(os.path.join(data_dir, "audit.log"))
+        try:
+            self.manager = JobManager(data_dir, sandbox, policy, **keeping)
+            try:
+                self._serve(addr, cert, key, ca)
+            except BaseException:  # nothing the manager started (launcher, inits, threads) outlives a failed start
+                self.manager.shutdown()
+                raise
+        except BaseException:
+            self.audit.close()
+            raise
+
+    def _serve(self, addr, cert, key, ca):
         options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0),
                    ("grpc.http2.bdp_probe", 0),  # else a client's oversized request grows our receive window first
                    # A client that vanished without closing its connection is found out within 20 s, and the call
@@ -439,7 +454,6 @@ class Server:
         try:
             self.port = self._grpc.add_secure_port(addr, server_credentials(cert, key, ca))
         except RuntimeError as e:
-            self.manager.shutdown()
             raise SystemExit(f"jobworker: cannot listen on {addr}: {e}") from None
         self._grpc.start()
 
@@ -719,7 +733,6 @@ class JobManager:
         self.retention = retention or Retention()
         self.space = DiskSpace(jobs_dir, min_free)
         self._jobs = {}   # id -> Job, in the order they started
-        self._ended = {}  # id -> Job, of those ended, in the order they ended: retention removes the first first
         self._numbered = 0
         self._lock = threading.Lock()
         self._no_start_under_way = threading.Condition(self._lock)
@@ -727,9 +740,11 @@ class JobManager:
         self._starting = 0
         self._closed = False
         restored = load_jobs(jobs_dir)  # before any init of ours makes a directory there
-        for job in sorted(restored, key=lambda job: job.started_at):
-            self._add(job)
+        # id -> Job, of those ended, in the order they ended: retention removes the first first
         self._ended = {job.id: job for job in sorted(restored, key=lambda job: job.outcome.ended_at)}
+        with self._lock:
+            for job in sorted(restored, key=lambda job: job.started_at):
+                self._add(job)
         self.pool = InitPool(sandbox, jobs_dir)
         # One job's teardown (cgroup reads and removal, the init's release) never holds up another job's output.
         self._teardown = futures.ThreadPoolExecutor(1, initializer=name_this_thread, initargs=("teardown",))
@@ -787,14 +802,19 @@ class JobManager:
         job.number = self._numbered
         self._jobs[job.id] = job
         if job.ended.is_set():  # it ended before it was added: _finish did not find it
-            self._ended[job.id] = job
+            self._has_ended(job)
+
+    def _has_ended(self, job):
+        """Counts an ended job for retention (under the lock)."""
+        self._ended[job.id] = job
+        self._retention_due.notify()
 
     @contextlib.contextmanager
     def _under_way(self):
         """Counts a Start in flight, which shutdown waits for, so that no job escapes it."""
         with self._lock:
             if self._closed:
-                raise Refused("UNAVAILABLE", "the server is shutting down")
+                raise shutting_down()
             self._starting += 1
         try:
             yield
@@ -850,8 +870,7 @@ class JobManager:
         job.end()
         with self._lock:
             if self._jobs.get(job.id) is job:  # not yet added (_add does it then), or removed already
-                self._ended[job.id] = job
-                self._retention_due.notify()
+                self._has_ended(job)
 
     def _retain(self):
         """The retention thread: removes the ended jobs past the retention's bounds, at start, after each job's end,
@@ -1151,7 +1170,7 @@ def load_jobs(jobs_dir):
     """The jobs earlier servers left in `jobs_dir`, from their records (those LOST written again as such). A
     directory without a record was an unused init's (or a failed Start's), and is removed; a record that cannot be
     read is logged, and its directory left alone."""
-    jobs = []
+    jobs, rewritten = [], 0
     for entry in os.scandir(jobs_dir):
         try:
             record = json.loads(_read_bytes(os.path.join(entry.path, RECORD)))
@@ -1167,12 +1186,13 @@ def load_jobs(jobs_dir):
             job = Job.restored(record, OutputLog(entry.path, existing=True))
             if record["state"] == "RUNNING":
                 job.save(synced=False)  # all flushed at once, below
+                rewritten += 1
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             logging.error("job %s: cannot read its record, skipped: %s", entry.name, e)
             continue
         jobs.append(job)
     lost = sum(job.state == "LOST" for job in jobs)
-    if lost:
+    if rewritten:
         fd = os.open(jobs_dir, os.O_RDONLY | os.O_CLOEXEC)
         try:
             libc("syncfs", fd)  # one flush for every LOST record written
@@ -1416,7 +1436,6 @@ class Cgroups:
 
     def __init__(self, io_device, parents):
         self.io_device = io_device
-        self.controllers = set()  # of "cpu", "memory", "io", "pids"
         self.parents = parents
         self.remove_stale()
         self.bases = [os.path.join(parent, self.base_name(os.getpid())) for parent in parents]
@@ -1510,7 +1529,7 @@ class Cgroups:
                 try:
                     groups = [entry.path for entry in os.scandir(base) if entry.is_dir(follow_symlinks=False)]
                     for group in groups:
-                        self._kill_listed([group])
+                        self.kill([group])
                     self.remove(groups + [base])
                 except OSError as e:
                     logging.warning("cannot remove the stale cgroup %s: %s", base, e)
@@ -1531,13 +1550,12 @@ class CgroupV2(Cgroups):
     """
 
     version = "v2"
-    WANTED = CONTROLLERS
     MISSING_FIX = ("enable them in the parent cgroup's cgroup.subtree_control (systemd does, for a unit with "
                    "Delegate=yes: make install-service), or use --cgroup v1 where the kernel has them there")
 
     @staticmethod
     def has_controllers(mount_point):
-        return bool(set(_read(os.path.join(mount_point, "cgroup.controllers")).split()) & set(CgroupV2.WANTED))
+        return bool(set(_read(os.path.join(mount_point, "cgroup.controllers")).split()) & set(CONTROLLERS))
 
     @staticmethod
     def own(mount_point):
@@ -1576,13 +1594,26 @@ class CgroupV2(Cgroups):
             os.makedirs(leaf, exist_ok=True)
             _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
         super().__init__(io_device, [own])
-        self.controllers = set(_read(os.path.join(own, "cgroup.controllers")).split()) & set(self.WANTED)
+        self.controllers = set(_read(os.path.join(own, "cgroup.controllers")).split()) & set(CONTROLLERS)
         for directory in (own, self.bases[0]):
             for controller in sorted(self.controllers):
                 try:
                     _write(os.path.join(directory, "cgroup.subtree_control"), "+" + controller)
                 except OSError:
                     self.controllers.discard(controller)
+
+    def create(self, name):
+        directories = super().create(name)
+        oom_group = os.path.join(directories[0], "memory.oom.group")
+        try:
+            if "memory" in self.controllers and os.path.exists(oom_group):
+                # An OOM kill takes the whole job, its init too, as it takes a container: what a job has left once
+                # the kernel killed one of its processes is rarely of use, and the job's status says OOM_KILLED.
+                _write(oom_group, "1")
+        except OSError:
+            self.remove(directories)
+            raise
+        return directories
 
     def _apply(self, directories, limits):
         (directory,), applied = directories, {}
@@ -1593,10 +1624,6 @@ class CgroupV2(Cgroups):
 
         if limits["cpu_cores"] and "cpu" in self.controllers:
             put("cpu.max", f"{max(1000, int(limits['cpu_cores'] * self.PERIOD_US))} {self.PERIOD_US}", "cpu_cores")
-        if "memory" in self.controllers and os.path.exists(os.path.join(directory, "memory.oom.group")):
-            # An OOM kill takes the whole job, its init too, as it takes a container: what a job has left once the
-            # kernel killed one of its processes is rarely of use, and the job's status says OOM_KILLED.
-            _write(os.path.join(directory, "memory.oom.group"), "1")
         if limits["memory_bytes"] and "memory" in self.controllers:
             put("memory.max", str(limits["memory_bytes"]), "memory_bytes")
             if os.path.exists(os.path.join(directory, "memory.swap.max")):
@@ -1727,12 +1754,10 @@ class InitPool:
         while True:
             with self._changed:
                 if self._closed:
-                    raise Refused("UNAVAILABLE", "the server is shutting down")
+                    raise shutting_down()
                 init = self._ready.pop() if self._ready else None
             if init is None:
                 ready, failure = self._make(1)
-                if failure and self._closed:
-                    raise Refused("UNAVAILABLE", "the server is shutting down")
                 if failure:
                     raise failure
                 return ready[0]
@@ -1793,6 +1818,8 @@ class InitPool:
             finally:
                 with self._changed:
                     self._preparing.discard(init)
+        if failure and self._closed:  # cut short by close(), whatever it broke
+            failure = shutting_down()
         return ready, failure
 
 
@@ -1813,6 +1840,7 @@ class Launcher:
 
     def _run(self):
         self._socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._socket.settimeout(READY_TIMEOUT)  # a launcher that stopped reading fails Starts, and holds up none
         with theirs:
             self._process = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", self.BOOT, os.path.abspath(__file__), str(theirs.fileno())],
@@ -1833,7 +1861,11 @@ class Launcher:
 
     def close(self):
         self._socket.close()  # the launcher exits at the end of its socket
-        self._process.wait()
+        try:
+            self._process.wait(KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
 
 
 class InitHandle:
@@ -2058,8 +2090,8 @@ LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
 def launcher_main(fd):
-    """The launcher process: forks an init for every order, until the server goes away."""
-    libc("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # never outlive the server
+    """The launcher process: forks an init for every order, until the server goes away (its socket ends: only the
+    server holds the other end)."""
     signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the server blocks its shutdown signals; jobs must not
     # A job without a PID namespace can kill its init (they share a user): what it leaves comes to us, and ends.
     libc("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -2074,9 +2106,7 @@ def launcher_main(fd):
         with contextlib.suppress(BlockingIOError):
             os.read(wake_r, 4096)
         inits -= reap_children().keys()  # at every wakeup: a SIGCHLD lost to a full pipe loses no child
-        for orphan in set(children_of(os.getpid())) - inits:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(orphan, signal.SIGKILL)  # reaped at its SIGCHLD; its own children come to us then
+        kill_orphans(inits)  # reaped at their SIGCHLD; their own children come to us then
         if orders not in ready:
             continue
         try:
@@ -2084,8 +2114,11 @@ def launcher_main(fd):
         except OSError as e:
             print(f"jobworker launcher: {e}", file=sys.stderr)
             continue
-        if kind is None:
-            os._exit(0)  # the server has gone
+        if kind is None:  # the server has gone: what jobs left comes to us until none is left, and ends
+            while kill_orphans(inits):
+                os.waitpid(-1, 0)
+                inits -= reap_children().keys()
+            os._exit(0)
         try:
             if kind is Message.ORDER and len(fds) == 1:
                 inits.add(fork_init(order, fds[0], own_pid_namespace, [fd, wake_r, wake_w, own_pid_namespace]))
@@ -2095,6 +2128,16 @@ def launcher_main(fd):
         finally:
             for received in fds:
                 os.close(received)
+
+
+def kill_orphans(inits):
+    """SIGKILL to every child of the launcher but its inits: what a job without a PID namespace left when its init
+    was killed. Returns whether there was one."""
+    orphans = set(children_of(os.getpid())) - inits
+    for orphan in orphans:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGKILL)
+    return bool(orphans)
 
 
 def fork_init(order, channel, own_pid_namespace, launcher_fds):
@@ -2156,7 +2199,7 @@ class Init:
         self.signalled = self.caught = False  # the server signalled the job; its command caught such a signal
 
     def run(self):
-        libc("prctl", PR_SET_NAME, b"jobworker-init", 0, 0, 0)
+        name_this_thread("jobworker-init")
         pidfd = os.pidfd_open(os.getpid())
         send(self.channel, Message.INIT, [pidfd])  # first, so that the server knows who says the rest
         os.close(pidfd)
@@ -2377,6 +2420,9 @@ class OutputPump:
     def stop(self):
         os.write(self._stop_w, b"x")
         self._thread.join()
+        for fd, (_, source) in self._watched.items():
+            if source is not None:  # a pipe of a job that did not end (its init was killed, and did not go)
+                os.close(fd)
         for fd in (self._stop_r, self._stop_w, self._null):
             os.close(fd)
         self._epoll.close()
@@ -2395,7 +2441,7 @@ class OutputPump:
                         continue  # its job ended earlier in this round
                     if source is None:
                         ended += self._end(job)
-                    elif not self._take(job, fd, source):
+                    elif self._take(job, fd, source) == 0:
                         ended.append(self._unwatch(job, fd))
                 except Exception:  # a bug: logged, and the pump goes on for every other job
                     logging.exception("output pump, job %s", job.id)
@@ -2404,27 +2450,26 @@ class OutputPump:
 
     def _take(self, job, fd, source):
         """Moves what waits in a pipe into the job's log, or drops it (past the cap, or once the disk has refused the
-        job's output: what is kept is always the start of the output); False once the pipe has ended."""
+        job's output: what is kept is always the start of the output). Returns the bytes moved, 0 once the pipe has
+        ended, None if nothing waits."""
         log, room = job.log, self._max_output - job.log.size
+        keep = not log.dropping and room > 0
         try:
-            if log.dropping or room <= 0:
-                return log.drop_from(fd, self._null, self.SPLICE) > 0
-            try:
-                return log.take_from(source, fd, min(room, self.SPLICE)) > 0
-            except BlockingIOError:  # nothing waits: not the disk's refusal
-                raise
-            except OSError as e:  # what the pipe holds is drained at the next wakeup
-                log.dropping = True
-                if e.errno in (errno.ENOSPC, errno.EDQUOT) and self._space:
-                    self._space.full(job.id)
-                else:
-                    logging.error("job %s: cannot keep its output, which is dropped from now on: %s", job.id, e)
-                return True
+            if keep:
+                return log.take_from(source, fd, min(room, self.SPLICE))
+            return log.drop_from(fd, self._null, self.SPLICE)
         except BlockingIOError:
-            return True
+            return None
         except OSError as e:
-            logging.error("job %s: cannot drain its output: %s", job.id, e)
-            return False
+            if not keep:
+                logging.error("job %s: cannot drain its output: %s", job.id, e)
+                return 0
+            log.dropping = True
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) and self._space:
+                self._space.full(job.id)
+            else:
+                logging.error("job %s: cannot keep its output, which is dropped from now on: %s", job.id, e)
+            return self._take(job, fd, source)  # dropped, then
 
     def _unwatch(self, job, fd):
         with self._lock:
@@ -2439,7 +2484,7 @@ class OutputPump:
         pipes = self._open.pop(job)
         for fd, source in pipes.items():
             for _ in range(4):  # a pipe holds at most one splice, unless a writer elsewhere still fills it
-                if not self._take(job, fd, source):
+                if not self._take(job, fd, source):  # ended, or nothing waits: no more
                     break
             self._unwatch(job, fd)
         self._on_end(job)
@@ -2837,9 +2882,14 @@ def serve(args):
     # Blocked before any thread starts, so that every thread inherits the mask and only sigwait() below takes them: a
     # Python handler would run only when the main thread next runs bytecode, and it may be waiting on a lock.
     signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
-    server = Server(args.addr, args.cert, args.key, args.ca, args.data_dir, sandbox, policy,
-                    retention=Retention(args.keep_jobs, args.keep_for), max_output=args.max_output,
-                    min_free=args.min_free)
+    try:
+        server = Server(args.addr, args.cert, args.key, args.ca, args.data_dir, sandbox, policy,
+                        retention=Retention(args.keep_jobs, args.keep_for), max_output=args.max_output,
+                        min_free=args.min_free)
+    except BaseException:
+        if sandbox.cgroups:  # this server's own directories, whatever failed
+            sandbox.cgroups.close()
+        raise
     logging.info("jobworker %s serving on %s (data in %s)", VERSION, args.addr, args.data_dir)
     print(f"listening on port {server.port}", flush=True)
     notify_systemd("READY=1")
