@@ -1321,7 +1321,7 @@ class Sandbox:
         try:
             self.cgroups = Cgroups.detect(choice, io_device or block_device_of(data_dir))
             if self.cgroups is None:
-                raise Unusable("no usable cgroup hierarchy", "mount cgroup2 at /sys/fs/cgroup")
+                raise Unusable("no usable cgroup hierarchy", "--cgroup for the one the host has, or mount cgroup2")
         except (Unusable, OSError) as e:
             problem = str(e) if isinstance(e, Unusable) else f"cgroups: {e}"
             problems.append(problem)
