@@ -32,6 +32,7 @@ import socket
 import struct
 import sys
 import time
+from stat import S_IMODE, S_ISLNK, S_ISREG
 
 
 class _ImportedOnFirstUse:
@@ -218,8 +219,8 @@ def _write_all(fd, data):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Security: who the caller is (its certificate, over mutual TLS 1.3) and what its role lets it do
-# A method missing from POLICY, or a role missing from its entry, is refused.
+# Security: who the caller is (its certificate, over mutual TLS 1.3) and what its role lets it do; the data directory
+# A method missing from POLICY, or a role missing from its entry, is refused; so is a data directory not ours alone.
 # ---------------------------------------------------------------------------------------------------------------------
 
 ROLES = ("admin", "user", "observer")
@@ -415,6 +416,97 @@ def _read_bytes(path):
         return f.read()
 
 
+class DataDirectory:
+    """The data directory and its jobs directory, each opened once, as this server's user's alone: owned by it, not
+    writable by group or others, not a symbolic link (else SystemExit, naming why). Every file in them is then opened,
+    made and removed relative to these descriptors (open_file, opened_directory, dir_fd=), never through a symbolic
+    link, so that nobody else can point the server's writes and removals at other files."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            self.fd = self._trusted(path, None, path)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir("jobs", 0o700, dir_fd=self.fd)
+            self.jobs = self._trusted("jobs", self.fd, os.path.join(path, "jobs"))
+            self._check_writable()
+        except OSError as e:
+            raise SystemExit(f"jobworker: the data directory {path} is not usable: {e.strerror}") from None
+
+    @staticmethod
+    def _trusted(name, dir_fd, shown):
+        """A descriptor of the directory `name` (in `dir_fd`), if it is this user's alone; else SystemExit, saying why
+        (`shown`: its path)."""
+        try:
+            fd = open_directory(os.path.normpath(name), dir_fd)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            fd, problem = None, "is a symbolic link"
+        else:
+            found = os.fstat(fd)
+            problem = (f"is owned by uid {found.st_uid}, not by this server's (uid {os.geteuid()})"
+                       if found.st_uid != os.geteuid() else
+                       f"is writable by group or others (mode {S_IMODE(found.st_mode):04o})"
+                       if found.st_mode & 0o022 else None)
+        if problem:
+            if fd is not None:
+                os.close(fd)
+            raise SystemExit(f"jobworker: {shown} {problem}; the data directory and its jobs directory must be the "
+                             f"server's user's alone")
+        return fd
+
+    def _check_writable(self):
+        probe = ".writable"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe, dir_fd=self.fd)  # one a killed server left
+        os.close(open_file(self.fd, probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        os.unlink(probe, dir_fd=self.fd)
+
+
+def open_file(directory, name, flags, mode=0o600):
+    """A descriptor of the regular file `name` in `directory` (a descriptor), opened with `flags`, never through a
+    symbolic link (OSError ELOOP); anything else there (a FIFO, whose open would block, a device) is refused too."""
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=directory)
+    except OSError as e:
+        raise _said_of_a_link(e, name, directory) from None
+    if not S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{name} is not a regular file")
+    return fd
+
+
+def open_directory(name, directory=None):
+    """A descriptor of the directory `name` (in `directory`, a descriptor, if given), never opened through a symbolic
+    link (OSError ELOOP)."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    except OSError as e:
+        raise _said_of_a_link(e, name, directory) from None
+
+
+@contextlib.contextmanager
+def opened_directory(directory, name):
+    """The directory `name` in `directory` (a descriptor), opened for a with block (see open_directory)."""
+    fd = open_directory(name, directory)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _said_of_a_link(error, name, directory):
+    """An open's OSError, saying so when it was refused because `name` is a symbolic link (which O_NOFOLLOW makes
+    ELOOP, and O_DIRECTORY ENOTDIR)."""
+    if error.errno in (errno.ELOOP, errno.ENOTDIR):
+        with contextlib.suppress(OSError):
+            if S_ISLNK(os.lstat(name, dir_fd=directory).st_mode):
+                return OSError(errno.ELOOP, f"{name} is a symbolic link, which is not followed")
+    return error
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # gRPC server: mutual TLS on one address, every call behind the Guard, starts, stops and removes in the audit log
 # The RPCs themselves are the Servicer's, in the next section.
@@ -427,7 +519,7 @@ class Server:
     RESERVED = 64   # threads streams and waits may not take, for the other calls
 
     def __init__(self, addr, cert, key, ca, data_dir, sandbox, policy, **keeping):
-        self.audit = Audit(os.path.join(data_dir, "audit.log"))
+        self.audit = Audit(data_dir)
         try:
             self.manager = JobManager(data_dir, sandbox, policy, **keeping)
             try:
@@ -538,9 +630,13 @@ class Audit:
     """One JSON line per start, stop and remove, appended to the audit file (readable by root alone; kept across
     restarts) and the server's log."""
 
-    def __init__(self, path):
-        self._file = open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "a",
-                          buffering=1)
+    def __init__(self, data_dir):
+        try:
+            fd = open_file(data_dir.fd, "audit.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            os.fchmod(fd, 0o600)  # one left readable (by hand, say) is readable no more
+        except OSError as e:
+            raise SystemExit(f"jobworker: cannot open the audit log in {data_dir.path}: {e.strerror}") from None
+        self._file = open(fd, "a", buffering=1)
         self._lock = threading.Lock()
 
     def record(self, method, caller, request, result, job_id=None, error=None):
@@ -727,11 +823,10 @@ class JobManager:
 
     def __init__(self, data_dir, sandbox, policy, retention=None, max_output=DEFAULT_MAX_OUTPUT,
                  min_free=DEFAULT_MIN_FREE):
-        jobs_dir = os.path.join(data_dir, "jobs")
-        os.makedirs(jobs_dir, mode=0o700, exist_ok=True)
+        jobs_dir = data_dir.jobs  # a descriptor: see DataDirectory
         self.sandbox, self.policy = sandbox, policy
         self.retention = retention or Retention()
-        self.space = DiskSpace(jobs_dir, min_free)
+        self.space = DiskSpace(os.path.join(data_dir.path, "jobs"), min_free)
         self._jobs = {}   # id -> Job, in the order they started
         self._numbered = 0
         self._lock = threading.Lock()
@@ -794,7 +889,7 @@ class JobManager:
     @staticmethod
     def _sync(job):
         if not job.ended.is_set():  # else its final record, synced, has replaced it: a short job costs no flush more
-            sync_record(job.log.directory)
+            sync_record(job.log)
 
     def _add(self, job):
         """Numbers a job, for List's pages, and takes it in (under the lock)."""
@@ -1041,7 +1136,7 @@ class Job:
         job = cls(record["job_id"], log, record["owner"], record["command"], record["env"],
                   record["working_directory"], record["pid"], record["isolation"], record["started_at"])
         if record["state"] == "RUNNING":
-            job.outcome = Outcome("LOST", None, 0, {}, max(os.stat(log.paths[0]).st_mtime, job.started_at))
+            job.outcome = Outcome("LOST", None, 0, {}, max(log.modified_at, job.started_at))
         else:
             job.outcome = Outcome(record["state"], record["exit_code"], record["signal"], record["usage"],
                                   record["ended_at"])
@@ -1098,7 +1193,7 @@ class Job:
     def save(self, synced=True):
         """Writes the job's record, as its status says it (see write_record)."""
         outcome = self.outcome
-        write_record(self.log.directory, synced=synced, record={
+        write_record(self.log, synced=synced, record={
             "version": RECORD_VERSION, "job_id": self.id, "owner": self.owner, "command": self.command,
             "env": self.env, "working_directory": self.working_directory, "pid": self.pid,
             "isolation": self.isolation, "started_at": self.started_at, "state": self.state,
@@ -1124,58 +1219,64 @@ class Job:
         return status
 
 
-def write_record(directory, record, synced=True):
-    """Replaces a job's record with a new file renamed over it, so that a server killed at any moment leaves one
-    record or the other, whole. `synced`: the new file reaches the disk before the rename and the directory after it,
-    so that a power loss does too; otherwise sync_record() follows (a Start's record: two flushes would double the
-    Start's time)."""
-    temporary = os.path.join(directory, RECORD + ".new")
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+def write_record(log, record, synced=True):
+    """Replaces a job's record, in the directory of its output `log`, with a new file renamed over it, so that a
+    server killed at any moment leaves one record or the other, whole. `synced`: the new file reaches the disk before
+    the rename and the directory after it, so that a power loss does too; otherwise sync_record() follows (a Start's
+    record: two flushes would double the Start's time)."""
+    temporary = RECORD + ".new"
+    with log.directory() as directory:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=directory)  # what a killed server left: made anew, never written through
         try:
-            _write_all(fd, json.dumps(record).encode())
-            if synced:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temporary, os.path.join(directory, RECORD))
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    if synced:
-        _fsync(directory)
+            fd = open_file(directory, temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                _write_all(fd, json.dumps(record).encode())
+                if synced:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, RECORD, src_dir_fd=directory, dst_dir_fd=directory)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=directory)
+            raise
+        if synced:
+            os.fsync(directory)
 
 
-def sync_record(directory):
+def sync_record(log):
     """Flushes a record written unsynced, and its directory, to the disk (unless its job has been removed since)."""
     try:
-        _fsync(os.path.join(directory, RECORD))
-        _fsync(directory)
+        with log.directory() as directory:
+            fd = open_file(directory, RECORD, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.fsync(directory)
     except FileNotFoundError:
         pass
     except OSError as e:
-        logging.error("cannot sync the record in %s: %s", directory, e)
+        logging.error("cannot sync the record of job %s: %s", log.name, e)
 
 
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def read_record(jobs_dir, job_id):
+    """A job's record, from its directory in `jobs_dir` (a descriptor)."""
+    with opened_directory(jobs_dir, job_id) as directory, open(open_file(directory, RECORD, os.O_RDONLY), "rb") as f:
+        return json.loads(f.read())
 
 
 def load_jobs(jobs_dir):
-    """The jobs earlier servers left in `jobs_dir`, from their records (those LOST written again as such). A
-    directory without a record was an unused init's (or a failed Start's), and is removed; a record that cannot be
-    read is logged, and its directory left alone."""
+    """The jobs earlier servers left in `jobs_dir` (a descriptor), from their records (those LOST written again as
+    such). A directory without a record was an unused init's (or a failed Start's), and is removed; a record that
+    cannot be read, or a symbolic link where a directory or a file should be, is logged, and left alone."""
     jobs, rewritten = [], 0
     for entry in os.scandir(jobs_dir):
         try:
-            record = json.loads(_read_bytes(os.path.join(entry.path, RECORD)))
+            record = read_record(jobs_dir, entry.name)
         except FileNotFoundError:
-            shutil.rmtree(entry.path, ignore_errors=True)
+            shutil.rmtree(entry.name, dir_fd=jobs_dir, ignore_errors=True)
             continue
         except (OSError, ValueError) as e:
             logging.error("job %s: cannot read its record, skipped: %s", entry.name, e)
@@ -1183,7 +1284,7 @@ def load_jobs(jobs_dir):
         try:
             if not isinstance(record, dict) or record.get("job_id") != entry.name:
                 raise ValueError("it is not the record of the job its directory is named for")
-            job = Job.restored(record, OutputLog(entry.path, existing=True))
+            job = Job.restored(record, OutputLog(jobs_dir, entry.name, existing=True))
             if record["state"] == "RUNNING":
                 job.save(synced=False)  # all flushed at once, below
                 rewritten += 1
@@ -1193,11 +1294,7 @@ def load_jobs(jobs_dir):
         jobs.append(job)
     lost = sum(job.state == "LOST" for job in jobs)
     if rewritten:
-        fd = os.open(jobs_dir, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            libc("syncfs", fd)  # one flush for every LOST record written
-        finally:
-            os.close(fd)
+        libc("syncfs", jobs_dir)  # one flush for every LOST record written
     if jobs:
         logging.info("%d jobs of earlier servers loaded (%d lost)", len(jobs), lost)
     return jobs
@@ -1882,7 +1979,7 @@ class InitHandle:
         self._final_usage = {}
         with contextlib.ExitStack() as undo:
             undo.callback(self.discard)
-            self.log = OutputLog(os.path.join(jobs_dir, self.id))
+            self.log = OutputLog(jobs_dir, self.id)
             self.group = sandbox.cgroups.create(self.id) if sandbox.cgroups else None
             self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             with theirs:
@@ -2509,41 +2606,61 @@ class OutputLog:
     RUN = struct.Struct("<QB")  # the offset where a run begins, and its source (STDOUT or STDERR)
     WINDOW = 8 << 20
 
-    def __init__(self, directory, existing=False):
-        """A new log, in a new directory; or, `existing`, one an earlier server left there, to read."""
-        self.directory = directory
-        self.paths = (os.path.join(directory, "output"), os.path.join(directory, "runs"))
+    OUTPUT_FILE, RUNS_FILE = "output", "runs"
+
+    def __init__(self, jobs_dir, name, existing=False):
+        """A new log, in a new directory `name` of `jobs_dir` (a descriptor); or, `existing`, one an earlier server left
+        there, to read."""
+        self.jobs_dir, self.name = jobs_dir, name
         self._output = self._runs = self._source = None
         self._written_back = self._uncached = 0  # where the window handed to the disk last ends; what left memory
         self.size = self.runs = self.dropped = 0
+        self.modified_at = None  # when an existing log was last written
         self.dropping = False  # the disk refused some of the output: the rest is dropped
         self.closed = self.removed = False
         self.cond = threading.Condition()
         if existing:
-            self.size = os.stat(self.paths[0]).st_size
-            self.runs = self._runs_within(self.size)
+            output, runs = self.open_files()
+            with output, runs:
+                found = os.fstat(output.fileno())
+                self.size, self.modified_at = found.st_size, found.st_mtime
+                self.runs = self._runs_within(runs.fileno(), self.size)
             self.closed = True
             return
-        os.mkdir(directory, 0o700)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        os.mkdir(name, 0o700, dir_fd=jobs_dir)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
-            self._output = os.open(self.paths[0], flags, 0o600)
-            try:
-                self._runs = os.open(self.paths[1], flags, 0o600)
-            except OSError:
-                os.close(self._output)
-                raise
+            with self.directory() as directory:
+                self._output = open_file(directory, self.OUTPUT_FILE, flags)
+                try:
+                    self._runs = open_file(directory, self.RUNS_FILE, flags)
+                except OSError:
+                    os.close(self._output)
+                    raise
         except OSError:
-            shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(name, dir_fd=jobs_dir, ignore_errors=True)
             raise
 
-    def _runs_within(self, size):
+    def directory(self):
+        """The log's directory (the job's), opened for a with block: a descriptor."""
+        return opened_directory(self.jobs_dir, self.name)
+
+    def open_files(self):
+        """The log's output and runs files, opened to read (unbuffered)."""
+        with self.directory() as directory:
+            output = open(open_file(directory, self.OUTPUT_FILE, os.O_RDONLY), "rb", buffering=0)
+            try:
+                return output, open(open_file(directory, self.RUNS_FILE, os.O_RDONLY), "rb", buffering=0)
+            except BaseException:
+                output.close()
+                raise
+
+    def _runs_within(self, runs, size):
         """The runs of an existing log that begin within its output: a server that ended while it wrote (a crash)
         may have begun a run it wrote nothing of."""
-        with open(self.paths[1], "rb") as runs:
-            count = os.fstat(runs.fileno()).st_size // self.RUN.size
-            while count and RunIndex(runs.fileno(), count)[count - 1][0] >= size:
-                count -= 1
+        count = os.fstat(runs).st_size // self.RUN.size
+        while count and RunIndex(runs, count)[count - 1][0] >= size:
+            count -= 1
         if size and not count:
             raise ValueError("its output has no runs")
         return count
@@ -2602,7 +2719,7 @@ class OutputLog:
         with self.cond:
             self.removed = True
             self.cond.notify_all()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        shutil.rmtree(self.name, dir_fd=self.jobs_dir, ignore_errors=True)  # which follows no symbolic link (on Linux)
 
 
 def drop_from_memory(fd, start, end):
@@ -2632,7 +2749,7 @@ class LogReader:
         output_log = self._log
         with contextlib.ExitStack() as files:
             try:
-                output, runs_file = (files.enter_context(open(path, "rb", buffering=0)) for path in output_log.paths)
+                output, runs_file = (files.enter_context(file) for file in output_log.open_files())
             except FileNotFoundError:
                 if output_log.removed:  # before the reader began
                     return
@@ -2870,7 +2987,8 @@ def serve(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     _raise_fd_limit()
     check_tls_files(args.cert, args.key, args.ca)
-    _check_address_and_data_dir(args.addr, args.data_dir)
+    _check_address(args.addr)
+    data_dir = DataDirectory(args.data_dir)  # opened again if the server runs again in a scope (its descriptors close)
     into_a_delegated_scope(args.isolation, args.cgroup)  # on a systemd host, may run the server again in a scope
     try:
         policy = LimitPolicy(dict(args.defaults), dict(args.maxima))
@@ -2883,7 +3001,7 @@ def serve(args):
     # Python handler would run only when the main thread next runs bytecode, and it may be waiting on a lock.
     signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
     try:
-        server = Server(args.addr, args.cert, args.key, args.ca, args.data_dir, sandbox, policy,
+        server = Server(args.addr, args.cert, args.key, args.ca, data_dir, sandbox, policy,
                         retention=Retention(args.keep_jobs, args.keep_for), max_output=args.max_output,
                         min_free=args.min_free)
     except BaseException:
@@ -2921,17 +3039,10 @@ def notify_systemd(state):
         logging.error("cannot tell systemd %s: %s", state, e)
 
 
-def _check_address_and_data_dir(addr, data_dir):
+def _check_address(addr):
     host, _, port = addr.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise SystemExit(f"jobworker: {addr!r} is not HOST:PORT with a port from 0 to 65535")
-    try:
-        os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        probe = os.path.join(data_dir, ".writable")
-        _write(probe, "")
-        os.unlink(probe)
-    except OSError as e:
-        raise SystemExit(f"jobworker: the data directory {data_dir} is not writable: {e.strerror}") from None
 
 
 def run_client(args):

@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -893,6 +894,123 @@ def test_a_record_that_cannot_be_read_is_logged_and_skipped(pki, tmp_path):
     assert read_stream(admin.stub, ids[4]).out == b"4\n"
 
 
+def test_symbolic_links_in_a_jobs_directory_are_never_followed_at_restart_or_removal(pki, tmp_path):
+    """Job directories in which the record, the record's temporary file or the output is a symbolic link to a file
+    outside the data directory, or which are one: at a restart nothing outside is read, truncated or removed (the job
+    is logged and skipped, or its record made anew beside the link), nor when a job holding such links is removed."""
+    first = Server(pki, str(tmp_path / "first"))
+    names = ("record", "temporary", "output", "directory", "holding links")
+    ids = {name: run_job(first.client(), ["echo", name]).status.job_id for name in names}
+    assert first.stop() == 0
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    directory = {name: pathlib.Path(job_dir(first, job_id)) for name, job_id in ids.items()}
+
+    def link(path, content):
+        """Replaces `path` by a link to a file outside with `content`."""
+        target = outside / f"{path.parent.name}-{path.name}"
+        target.write_bytes(content)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        path.symlink_to(target)
+
+    link(directory["record"] / "record.json", (directory["record"] / "record.json").read_bytes())
+    write_record(first, ids["temporary"], dict(read_record(first, ids["temporary"]), state="RUNNING"))  # made LOST
+    link(directory["temporary"] / "record.json.new", b"precious\n")
+    link(directory["output"] / "output", b"secret\n")
+    shutil.copytree(directory["directory"], outside / "directory")
+    shutil.rmtree(directory["directory"])
+    directory["directory"].symlink_to(outside / "directory")
+    link(directory["holding links"] / "a-link", b"precious too\n")
+    (directory["holding links"] / "a-directory-link").symlink_to(outside / "directory")
+    contents = lambda: {str(path): path.read_bytes() for path in outside.rglob("*") if path.is_file()}
+    before = contents()
+
+    second = Server(pki, str(tmp_path / "second"), data_dir=first.data_dir)
+    admin = second.client()
+    for name in ("record", "output", "directory"):
+        said = [line for line in second.read_log().splitlines() if f"job {ids[name]}: " in line]
+        assert len(said) == 1 and "cannot read its record, skipped" in said[0] and \
+            "is a symbolic link, which is not followed" in said[0], (name, said)
+        assert status_of(lambda: admin.query(ids[name])).code == Code.NOT_FOUND, name
+    assert admin.query(ids["temporary"]).state == pb.LOST
+    assert read_stream(admin.stub, ids["holding links"]).out == b"holding links\n"
+    for name in ("temporary", "holding links"):
+        admin.remove(ids[name])
+        assert not directory[name].exists()
+    assert contents() == before, "a file outside the data directory was changed or removed through a link"
+
+
+@needs_root
+def test_a_data_directory_that_is_not_the_servers_alone_is_refused_at_start(pki, tmp_path):
+    """A data directory, or a jobs directory in it, owned by another user, writable by group or others, or a symbolic
+    link, and an audit log that is a symbolic link: the server refuses to start, in one line saying which and why, and
+    touches nothing it would have reached through them."""
+    outside = tmp_path / "outside"
+    (outside / "a-directory").mkdir(parents=True)
+    (outside / "a-directory" / "a-file").write_text("precious\n")
+    (outside / "a-file").write_text("precious\n")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    alone = "the data directory and its jobs directory must be the server's user's alone"
+
+    def data_dir(name, jobs=False):
+        """A data directory of the server's user alone (with a jobs directory, if asked), to spoil."""
+        path = tmp_path / name
+        path.mkdir(mode=0o700)
+        if jobs:
+            (path / "jobs").mkdir(mode=0o700)
+        return path
+
+    cases = []
+    spoilt = data_dir("owned by nobody")
+    os.chown(spoilt, nobody, nobody)
+    cases.append((spoilt, f"{spoilt} is owned by uid {nobody}, not by this server's (uid 0); {alone}"))
+    spoilt = data_dir("writable by anyone")
+    os.chmod(spoilt, 0o777)
+    cases.append((spoilt, f"{spoilt} is writable by group or others (mode 0777); {alone}"))
+    spoilt = tmp_path / "a link"
+    spoilt.symlink_to(data_dir("linked to"))
+    cases.append((spoilt, f"{spoilt} is a symbolic link; {alone}"))
+    spoilt = data_dir("jobs owned by nobody", jobs=True)
+    os.chown(spoilt / "jobs", nobody, nobody)
+    cases.append((spoilt, f"{spoilt / 'jobs'} is owned by uid {nobody}, not by this server's (uid 0); {alone}"))
+    spoilt = data_dir("jobs writable by its group", jobs=True)
+    os.chmod(spoilt / "jobs", 0o770)
+    cases.append((spoilt, f"{spoilt / 'jobs'} is writable by group or others (mode 0770); {alone}"))
+    spoilt = data_dir("jobs a link")
+    (spoilt / "jobs").symlink_to(outside)  # whose directories a server would remove as unused inits' ones
+    cases.append((spoilt, f"{spoilt / 'jobs'} is a symbolic link; {alone}"))
+    spoilt = data_dir("audit log a link", jobs=True)
+    (spoilt / "audit.log").symlink_to(outside / "a-file")
+    cases.append((spoilt, f"cannot open the audit log in {spoilt}: audit.log is a symbolic link, which is not "
+                          "followed"))
+    cert, key = pki.server
+    for path, message in cases:
+        serving = subprocess.Popen([sys.executable, JOBWORKER, "serve", "--addr", "127.0.0.1:0", "--cert", cert,
+                                    "--key", key, "--ca", pki.ca_cert, "--data-dir", str(path)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        listening = serving.stdout.readline()  # empty once it has exited
+        if listening:
+            serving.terminate()
+        _, err = serving.communicate(timeout=60)
+        assert not listening and serving.returncode == 1, (path, listening)
+        assert err.decode().splitlines()[-1] == f"jobworker: {message}" and b"Traceback" not in err, err
+    assert (outside / "a-file").read_text() == (outside / "a-directory" / "a-file").read_text() == "precious\n"
+
+
+def test_the_data_directory_is_made_0700_and_the_audit_log_kept_0600(pki, tmp_path):
+    fresh = Server(pki, str(tmp_path / "fresh"))
+    mode = lambda path: stat.S_IMODE(os.stat(path).st_mode)
+    assert mode(fresh.data_dir) == mode(os.path.join(fresh.data_dir, "jobs")) == 0o700
+    assert mode(os.path.join(fresh.data_dir, "audit.log")) == 0o600
+    older = tmp_path / "older"
+    older.mkdir(mode=0o700)
+    (older / "audit.log").write_text("")
+    os.chmod(older / "audit.log", 0o644)  # as one made by hand, or copied, may be
+    Server(pki, str(tmp_path / "server"), data_dir=str(older))
+    assert mode(older / "audit.log") == 0o600
+
+
 def test_retention_keeps_the_newest_ended_jobs_and_never_a_running_one(pki, tmp_path, gate):
     server = Server(pki, str(tmp_path), "--keep-jobs", "2")
     admin = server.client()
@@ -1636,7 +1754,8 @@ def test_a_log_reader_from_any_offset_yields_every_run_apart_and_every_byte_once
     """An OutputLog fed from real pipes, stdout and stderr in turn (a run of one may come in several pieces, and a
     piece in several splices), then closed: a LogReader from every offset (0, inside a run, at a boundary, at the
     end) yields the bytes from there, in chunks of at most `chunk` that never cross from one run into the next."""
-    log = jobworker.OutputLog(os.path.join(tempfile.mkdtemp(dir=tmp_path), "log"))
+    jobs_dir = os.open(tempfile.mkdtemp(dir=tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    log = jobworker.OutputLog(jobs_dir, "log")
     pipes = {source: os.pipe() for source in (jobworker.STDOUT, jobworker.STDERR)}
     try:
         for source, data in pieces:
@@ -1663,6 +1782,7 @@ def test_a_log_reader_from_any_offset_yields_every_run_apart_and_every_byte_once
         got = list(jobworker.LogReader(log, start, chunk))
         assert got == expected, f"from offset {start}"
         assert b"".join(data for _, _, data in got) == written[start:]
+    os.close(jobs_dir)
 
 
 def test_limit_policy_applies_defaults_only_where_none_was_asked_for_and_the_controller_is_there():
