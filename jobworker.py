@@ -56,6 +56,7 @@ pb_grpc = _ImportedOnFirstUse("gen.jobworker_pb2_grpc")
 json_format = _ImportedOnFirstUse("google.protobuf.json_format")
 argparse = _ImportedOnFirstUse("argparse")
 futures = _ImportedOnFirstUse("concurrent.futures")
+hashlib = _ImportedOnFirstUse("hashlib")
 logging = _ImportedOnFirstUse("logging")
 shutil = _ImportedOnFirstUse("shutil")
 shlex = _ImportedOnFirstUse("shlex")
@@ -243,24 +244,26 @@ POLICY = {
 }
 AUDITED = {"Start", "Stop", "Remove"}
 OID_CN, OID_OU = "2.5.4.3", "2.5.4.11"
-# BoringSSL offers no minimum-version setting through gRPC Python, so TLS 1.3 is checked on every call (authorize);
+# BoringSSL offers no minimum-version setting through gRPC Python, so TLS 1.3 is checked on every call (authenticate);
 # what can be restricted is the TLS 1.2 cipher list, which gRPC reads from the environment.
 TLS12_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
                  "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305")
 
 
 class Caller:
-    """An authenticated caller: its identity (certificate CN), its role, and the jobs the current call may touch."""
+    """A caller, as its client certificate says: its identity (the certificate's whole subject, as subject_string
+    writes it, which owns the jobs it starts), its role, the SHA-256 fingerprint of the certificate (for the audit
+    log), and the jobs the current call may touch."""
 
-    def __init__(self, identity, role, scope=None):
-        self.identity, self.role, self.scope = identity, role, scope
+    def __init__(self, identity, role, fingerprint=None, scope=None):
+        self.identity, self.role, self.fingerprint, self.scope = identity, role, fingerprint, scope
 
     def may_see(self, job):
         return self.scope is Scope.EVERY or job.owner == self.identity
 
 
-def authorize(method, auth_context):
-    """The one place that decides whether a call may run: TLS 1.3, a readable identity, and POLICY."""
+def authenticate(auth_context):
+    """The Caller a call comes from: over TLS 1.3, with a client certificate that is a usable identity (identify)."""
     if auth_context.get("transport_security_type") != [b"ssl"]:
         raise Refused("UNAUTHENTICATED", "mutual TLS is required")
     if auth_context.get("ssl_tls_version") != [b"TLSv1.3"]:
@@ -268,39 +271,87 @@ def authorize(method, auth_context):
     certificates = auth_context.get("x509_pem_cert")
     if not certificates:
         raise Refused("UNAUTHENTICATED", "a client certificate is required")
-    caller = identify(certificates[0])
+    return identify(certificates[0])
+
+
+def authorize(method, caller):
+    """The one place that decides whether an authenticated caller's call may run (POLICY): sets the jobs it may
+    touch."""
     caller.scope = POLICY.get(method, {}).get(caller.role)
     if caller.scope is None:
         raise Refused("PERMISSION_DENIED", f"{caller.role}s cannot {method.lower()} jobs" if method in POLICY
                       else f"{method} is not allowed")
-    return caller
 
 
 def identify(pem):
-    """Caller(identity, role) from a client certificate in PEM form: exactly one CN and exactly one role OU."""
+    """Caller(identity, role, fingerprint) from a client certificate in PEM form: its subject must hold exactly one
+    CN, not blank, and exactly one role OU; and the certificate must not be a CA's, which could sign others."""
+    der = _der_of(pem)
     try:
-        attributes = subject_attributes(memoryview(ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))))
+        rdns, is_ca = read_certificate(memoryview(der))
     except (ValueError, IndexError) as e:
         raise Refused("UNAUTHENTICATED", f"unreadable client certificate: {e}") from None
+    if is_ca:
+        raise Refused("UNAUTHENTICATED", "the client certificate is a CA's (basicConstraints CA:TRUE), which is no "
+                                         "caller's identity")
+    attributes = [attribute for rdn in rdns for attribute in rdn]
     names = [value for oid, value in attributes if oid == OID_CN]
     units = [value for oid, value in attributes if oid == OID_OU]
-    if len(names) != 1 or not names[0]:
+    if len(names) != 1:
         raise Refused("UNAUTHENTICATED", "the client certificate must name exactly one CN")
+    if not names[0].strip():
+        raise Refused("UNAUTHENTICATED", "the client certificate's CN is blank")
     if len(units) != 1 or units[0] not in ROLES:
         found = ", ".join(repr(unit) for unit in units) or "none"
         raise Refused("PERMISSION_DENIED", f"the client certificate must carry exactly one role OU "
                                            f"({', '.join(ROLES)}); it has {found}")
-    return Caller(names[0], units[0])
+    return Caller(subject_string(rdns), units[0], fingerprint_of(der))
+
+
+def _der_of(pem):
+    try:
+        return ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
+    except ValueError as e:  # not ASCII, not PEM, not base64
+        raise Refused("UNAUTHENTICATED", f"unreadable client certificate: {e}") from None
+
+
+def fingerprint_of(der):
+    """The SHA-256 fingerprint of a DER certificate, in hex: what `openssl x509 -fingerprint -sha256` shows."""
+    return hashlib.sha256(der).hexdigest()
+
+
+# The attribute types a subject string names (RFC 4514's); any other is written as its dotted OID.
+ATTRIBUTE_NAMES = {OID_CN: "CN", OID_OU: "OU", "2.5.4.10": "O", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
+                   "2.5.4.9": "STREET", "0.9.2342.19200300.100.1.25": "DC", "0.9.2342.19200300.100.1.1": "UID"}
+
+
+def subject_string(rdns):
+    """A subject as one string, for no other subject the same: its RDNs in the certificate's order (as openssl shows
+    them) joined by ',', the attributes of a multi-valued RDN sorted and joined by '+', each TYPE=value with RFC 4514's
+    escaping, so that no value can pass for another attribute or RDN: 'O=jobworker,OU=user,CN=alice'."""
+    return ",".join("+".join(sorted(f"{ATTRIBUTE_NAMES.get(oid, oid)}={_escaped(value)}" for oid, value in rdn))
+                    for rdn in rdns)
+
+
+def _escaped(value):
+    """An attribute value as RFC 4514 writes it: a backslash before each special character, a leading '#' or space
+    and a trailing space; NUL as \\00."""
+    last = len(value) - 1
+    return "".join("\\00" if c == "\0" else "\\" + c if c in '\\"+,;<>=' or (i == 0 and c in "# ") or
+                   (i == last and c == " ") else c for i, c in enumerate(value))
 
 
 STRING_TYPES = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii", 0x1E: "utf-16-be", 0x1C: "utf-32-be"}
+OID_BASIC_CONSTRAINTS = "2.5.29.19"
 
 
-def subject_attributes(der):
-    """[(OID, value)] of every attribute in the subject of a DER certificate, read strictly from its structure.
+def read_certificate(der):
+    """What a DER certificate says of its holder, read strictly from its structure: (its subject, as a list of RDNs
+    each a list of (OID, value); whether its basicConstraints extension says it is a CA's).
 
     Reading the structure, rather than the RFC 2253 string gRPC also offers, means no escaped comma, plus sign or
-    equals sign in any value can pass for an attribute it is not. A string type we cannot decode is refused.
+    equals sign in any value can pass for an attribute it is not. A string type we cannot decode is refused, and so
+    are extensions out of order, one that appears twice, and a basicConstraints that is not DER.
     """
     tag, start, end = _der(der, 0, len(der))               # Certificate
     if tag != 0x30 or end != len(der):
@@ -311,13 +362,21 @@ def subject_attributes(der):
     fields = list(_der_children(der, start, end))
     if fields and fields[0][0] == 0xA0:                    # [0] version
         fields = fields[1:]
-    if len(fields) < 5 or fields[4][0] != 0x30:            # serial, signature, issuer, validity, subject
+    if len(fields) < 6 or fields[4][0] != 0x30:            # serial, signature, issuer, validity, subject, key
         raise ValueError("not a certificate")
-    attributes = []
-    _, start, end = fields[4]
+    optional = [tag for tag, _, _ in fields[6:]]           # [1] issuerUniqueID, [2] subjectUniqueID, [3] extensions
+    if optional != sorted(set(optional)) or not set(optional) <= {0x81, 0x82, 0xA3}:
+        raise ValueError("not a certificate")
+    extensions = [(start, end) for tag, start, end in fields[6:] if tag == 0xA3]
+    return _rdns(der, *fields[4][1:]), bool(extensions) and _says_ca(der, *extensions[0])
+
+
+def _rdns(der, start, end):
+    rdns = []
     for rdn_tag, rdn_start, rdn_end in _der_children(der, start, end):
         if rdn_tag != 0x31:
             raise ValueError("bad RDN")
+        rdn = []
         for atv_tag, atv_start, atv_end in _der_children(der, rdn_start, rdn_end):
             parts = list(_der_children(der, atv_start, atv_end))
             if atv_tag != 0x30 or len(parts) != 2 or parts[0][0] != 0x06:
@@ -326,8 +385,53 @@ def subject_attributes(der):
             if value_tag not in STRING_TYPES:
                 raise ValueError(f"attribute string type 0x{value_tag:02x} is not accepted")
             value = bytes(der[value_start:value_end]).decode(STRING_TYPES[value_tag])  # strict
-            attributes.append((_oid(der[oid_start:oid_end]), value))
-    return attributes
+            rdn.append((_oid(der[oid_start:oid_end]), value))
+        if not rdn:
+            raise ValueError("empty RDN")
+        rdns.append(rdn)
+    return rdns
+
+
+def _says_ca(der, start, end):
+    """Whether the extensions (the content of TBSCertificate's [3]) hold a basicConstraints that says cA."""
+    children = list(_der_children(der, start, end))  # exactly one: the SEQUENCE of extensions
+    if len(children) != 1 or children[0][0] != 0x30:
+        raise ValueError("bad extensions")
+    _, start, end = children[0]
+    seen, ca = set(), False
+    for tag, ext_start, ext_end in _der_children(der, start, end):
+        parts = list(_der_children(der, ext_start, ext_end))  # extnID, critical (DER omits FALSE), extnValue
+        if tag != 0x30 or not 2 <= len(parts) <= 3 or parts[0][0] != 0x06 or parts[-1][0] != 0x04 or \
+                (len(parts) == 3 and not _is_true(der, parts[1])):
+            raise ValueError("bad extension")
+        oid = _oid(der[parts[0][1]:parts[0][2]])
+        if oid in seen:
+            raise ValueError(f"extension {oid} appears twice")
+        seen.add(oid)
+        if oid == OID_BASIC_CONSTRAINTS:
+            ca = _basic_constraints_ca(der, *parts[-1][1:])
+    return ca
+
+
+def _basic_constraints_ca(der, start, end):
+    """cA of a DER BasicConstraints, SEQUENCE { cA BOOLEAN DEFAULT FALSE, pathLenConstraint INTEGER OPTIONAL }."""
+    tag, content, content_end = _der(der, start, end)
+    if tag != 0x30 or content_end != end:
+        raise ValueError("bad basicConstraints")
+    parts = list(_der_children(der, content, content_end))
+    ca = bool(parts) and parts[0][0] == 0x01
+    if ca and not _is_true(der, parts[0]):  # DER omits a FALSE that is the default
+        raise ValueError("bad basicConstraints")
+    rest = parts[1:] if ca else parts
+    if len(rest) > 1 or (rest and rest[0][0] != 0x02):
+        raise ValueError("bad basicConstraints")
+    return ca
+
+
+def _is_true(der, element):
+    """Whether a DER element is the BOOLEAN TRUE (DER has one encoding of it: 0xFF)."""
+    tag, start, end = element
+    return tag == 0x01 and bytes(der[start:end]) == b"\xff"
 
 
 def _der(data, offset, end):
@@ -558,8 +662,8 @@ class Server:
 
 
 class Guard:
-    """Runs every RPC behind authorize(), so no call reaches the Servicer unchecked, and audits starts, stops and
-    removes.
+    """Runs every RPC behind authenticate() and authorize(), so no call reaches the Servicer unchecked, and audits
+    starts, stops and removes.
 
     It builds the service's handlers itself from the proto's service descriptor (the equivalent of an interceptor),
     so a streaming call is refused before its first byte, and a method without a POLICY entry cannot be served.
@@ -585,7 +689,8 @@ class Guard:
         def guarded(request, context):
             caller = None
             try:
-                caller = authorize(method, context.auth_context())
+                caller = authenticate(context.auth_context())
+                authorize(method, caller)
                 if isinstance(request, Malformed):
                     raise Refused("INVALID_ARGUMENT", request.error)
                 response = implementation(request, context, caller)
@@ -621,9 +726,20 @@ def _lenient(message_class):
 
 
 def _claimed_caller(context):
-    """Who a refused caller claimed to be, for the audit log, if its certificate says."""
-    names = context.auth_context().get("x509_common_name")
-    return Caller(names[0].decode(errors="replace"), None) if names else None
+    """Who a caller refused before it was identified claimed to be, for the audit log: the fingerprint of its
+    certificate, and its subject as far as it can be read."""
+    certificates = context.auth_context().get("x509_pem_cert")
+    if not certificates:
+        return None
+    try:
+        der = _der_of(certificates[0])
+    except Refused:
+        return None
+    try:
+        identity = subject_string(read_certificate(memoryview(der))[0])
+    except (ValueError, IndexError):
+        identity = None
+    return Caller(identity, None, fingerprint_of(der))
 
 
 class Audit:
@@ -1099,7 +1215,10 @@ class Outcome:
         self.ended_at = time.time() if ended_at is None else ended_at
 
 
-RECORD, RECORD_VERSION = "record.json", 1  # a job's record in its directory, and the record's format
+RECORD, RECORD_VERSION = "record.json", 2  # a job's record in its directory, and the record's format
+# Format 1 named the owner by its CN alone, which cannot say which of the subjects with that CN it was: such a job is
+# loaded as nobody's (an empty owner), which only the roles that see every job see.
+CN_OWNED_RECORD_VERSION = 1
 
 
 class Job:
@@ -1131,9 +1250,11 @@ class Job:
     def restored(cls, record, log):
         """A job of an earlier server, from its record. One that ran when that server ended is LOST, then: its
         processes ended with it (each init ends its job when the server goes), after its last output."""
-        if record.get("version") != RECORD_VERSION:
-            raise ValueError(f"record format {record.get('version')!r} (this server reads {RECORD_VERSION})")
-        job = cls(record["job_id"], log, record["owner"], record["command"], record["env"],
+        if record.get("version") not in (CN_OWNED_RECORD_VERSION, RECORD_VERSION):
+            raise ValueError(f"record format {record.get('version')!r} (this server reads {CN_OWNED_RECORD_VERSION} "
+                             f"and {RECORD_VERSION})")
+        owner = record["owner"] if record["version"] == RECORD_VERSION else ""
+        job = cls(record["job_id"], log, owner, record["command"], record["env"],
                   record["working_directory"], record["pid"], record["isolation"], record["started_at"])
         if record["state"] == "RUNNING":
             job.outcome = Outcome("LOST", None, 0, {}, max(log.modified_at, job.started_at))
@@ -2924,7 +3045,7 @@ def _cells(status, now):
     if status.output_dropped_bytes:  # past the server's --max-output, or on a full disk
         output += f" (+{format_size(status.output_dropped_bytes)} dropped)"
     command = _printable(shlex.join(status.command)) + (" …" if status.command_truncated else "")  # List cut it
-    return (status.job_id, pb.JobState.Name(status.state), result, _printable(status.owner),
+    return (status.job_id, pb.JobState.Name(status.state), result, _printable(status.owner) or "-",
             time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)), format_duration(max(0.0, ended - started)),
             output, command)
 
@@ -3353,7 +3474,8 @@ def build_parser():
                          help="the newest N jobs (default 50; 0: all)")
     states = [name for name in pb.JobState.keys() if name != "JOB_STATE_UNSPECIFIED"]
     listing.add_argument("--state", type=str.upper, choices=states, help="only jobs in this state")
-    listing.add_argument("--owner", metavar="NAME", help="only this owner's jobs (the CN of its certificate)")
+    listing.add_argument("--owner", metavar="SUBJECT", help="only this owner's jobs: the whole subject of its "
+                         "certificate, as list shows it (O=jobworker,OU=user,CN=alice)")
 
     remove = _client_command(commands, "remove", cli_remove, "remove an ended job and its output")
     remove.add_argument("job_id", metavar="JOB_ID", help="the job")

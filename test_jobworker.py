@@ -83,16 +83,19 @@ class PKI:
             "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", self._path(name, "pem"))
         return self._path(name, "pem")
 
-    def leaf(self, name, subject, ca="ca", usage="clientAuth", start=None, end=None, mask="utf8only"):
+    def leaf(self, name, subject, ca="ca", usage="clientAuth", start=None, end=None, mask="utf8only", is_ca=False):
         """A certificate for `subject` (openssl -subj form) signed by `ca`, valid from `start` to `end` (an hour ago to
         30 days on), its strings encoded as `mask` allows (utf8only; pkix: PrintableString where it can; MASK:0x800:
-        BMPString; MASK:0x4: T61String); returns (cert, key)."""
+        BMPString; MASK:0x4: T61String), a CA's if `is_ca` (CA:TRUE, and it may sign certificates); returns
+        (cert, key)."""
         key, csr, config, ext = self._key(name), *(self._path(name, ext) for ext in ("csr", "cnf", "ext"))
         with open(config, "w") as f:
             f.write(f"[req]\ndistinguished_name = dn\nstring_mask = {mask}\n[dn]\n")
         run("openssl", "req", "-new", "-key", key, "-subj", subject, "-config", config, "-utf8", "-out", csr)
         with open(ext, "w") as f:
-            f.write(f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n")
+            f.write("basicConstraints=critical,CA:TRUE\nkeyUsage=critical,digitalSignature,keyCertSign\n" if is_ca
+                    else "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n")
+            f.write(f"extendedKeyUsage={usage}\n")
             if usage == "serverAuth":
                 f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
         now = time.time()
@@ -124,6 +127,11 @@ def pki(tmp_path_factory):
         "observer": pki.leaf("observer", "/O=jobworker/OU=observer/CN=olivia"),
     }
     return pki
+
+
+# Each role's subject, as the server names the owner of a job (the certificate's whole subject).
+SUBJECT = {"admin": "O=jobworker,OU=admin,CN=ada", "user": "O=jobworker,OU=user,CN=alice",
+           "user2": "O=jobworker,OU=user,CN=bob", "observer": "O=jobworker,OU=observer,CN=olivia"}
 
 
 def tls_context(pki, who="admin", version=None):
@@ -528,7 +536,7 @@ def test_happy_path_start_stream_query_list(admin):
     assert (ran.out, ran.err) == (b"out\n", b"err\n")
     assert ran.status.state == pb.EXITED and ran.status.exit_code == 3 and ran.status.signal == 0
     queried = admin.query(job_id)
-    assert queried.job_id == job_id and queried.owner == "ada"
+    assert queried.job_id == job_id and queried.owner == SUBJECT["admin"]
     assert list(queried.command) == ["sh", "-c", "echo out; echo err >&2; exit 3"]
     assert queried.output_bytes == 8 and queried.pid > 0
     assert queried.ended_at.ToNanoseconds() >= queried.started_at.ToNanoseconds() > 0
@@ -753,10 +761,10 @@ def test_audit_log_records_every_start_and_stop(server, admin):
         entries = [json.loads(line) for line in f]
     start = next(e for e in entries if e["action"] == "start" and e["job_id"] == job_id)
     stop = next(e for e in entries if e["action"] == "stop" and e["job_id"] == job_id)
-    assert start["who"] == "ada" and start["role"] == "admin" and start["result"] == "OK"
+    assert start["who"] == SUBJECT["admin"] and start["role"] == "admin" and start["result"] == "OK"
     assert start["command"] == ["sleep", "600"] and start["time"]
     assert stop["result"] == "OK" and stop["force"] is True
-    denied = [e for e in entries if e["who"] == "olivia" and e["action"] == "start"]
+    denied = [e for e in entries if e["who"] == SUBJECT["observer"] and e["action"] == "start"]
     assert denied and denied[-1]["result"] == "PERMISSION_DENIED"
 
 
@@ -890,8 +898,31 @@ def test_a_record_that_cannot_be_read_is_logged_and_skipped(pki, tmp_path):
         assert f"job {job_id}: cannot read its record, skipped" in log, log[-3000:]
         assert status_of(lambda: admin.query(job_id)).code == Code.NOT_FOUND
         assert os.path.isdir(job_dir(first, job_id)), "a record that could not be read was deleted"
-    assert "record format 99 (this server reads 1)" in log and "Traceback" not in log
+    assert "record format 99 (this server reads 1 and 2)" in log and "Traceback" not in log
     assert read_stream(admin.stub, ids[4]).out == b"4\n"
+
+
+def test_a_job_recorded_with_its_owners_cn_alone_is_nobodys_after_the_upgrade(pki, tmp_path):
+    """A record of format 1 named the owner by its CN alone, which cannot say which of the subjects with that CN it
+    was: the job is loaded as nobody's, which the roles that see every job see (with an empty owner, `-` in a table)
+    and a user with that CN does not."""
+    first = Server(pki, str(tmp_path / "first"))
+    job_id = run_job(first.client("user"), ["echo", "old"]).status.job_id
+    assert first.stop() == 0
+    record = read_record(first, job_id)
+    assert record["version"] == 2 and record["owner"] == SUBJECT["user"]
+    write_record(first, job_id, dict(record, version=1, owner="alice"))  # as a server of format 1 wrote it
+
+    second = Server(pki, str(tmp_path / "second"), data_dir=first.data_dir)
+    user = second.client("user")
+    assert status_of(lambda: user.query(job_id)).code == Code.NOT_FOUND and user.list() == []
+    for role in ("admin", "observer"):
+        assert second.client(role).query(job_id).owner == ""
+    header, row = second.cli("query", job_id).stdout.decode().splitlines()
+    assert columns(row, header)[3] == "-"
+    admin = second.client("admin")
+    assert admin.list(owner="alice") == [] and admin.list(owner=SUBJECT["user"]) == []
+    assert admin.remove(job_id).job_id == job_id
 
 
 def test_symbolic_links_in_a_jobs_directory_are_never_followed_at_restart_or_removal(pki, tmp_path):
@@ -1073,9 +1104,10 @@ def test_remove_for_each_role_and_a_running_job_refused(server):
         assert status_of(lambda: clients[role].remove(running)).code == Code.FAILED_PRECONDITION
     clients["user"].stop(running, force=True)
     entries = [e for e in audit_entries(server) if e["action"] == "remove"]
-    assert {(e["who"], e["result"]) for e in entries} >= {("ada", "OK"), ("alice", "OK"), ("bob", "NOT_FOUND"),
-                                                          ("olivia", "PERMISSION_DENIED")}
-    assert entries[-1] == dict(entries[-1], who="alice", job_id=running, result="FAILED_PRECONDITION")
+    assert {(e["who"], e["result"]) for e in entries} >= {
+        (SUBJECT["admin"], "OK"), (SUBJECT["user"], "OK"), (SUBJECT["user2"], "NOT_FOUND"),
+        (SUBJECT["observer"], "PERMISSION_DENIED")}
+    assert entries[-1] == dict(entries[-1], who=SUBJECT["user"], job_id=running, result="FAILED_PRECONDITION")
     assert server.cli("remove", running).returncode == 0
     assert status_of(lambda: clients["admin"].query(running)).code == Code.NOT_FOUND
     refused = server.cli("remove", running)
@@ -1175,8 +1207,9 @@ def test_list_pages_filters_and_cuts_huge_commands(pki, tmp_path):
             break
     assert [len(page) for page in pages] == [7] * 6 + [4] and sum(pages, []) == newest_first
     assert [s.job_id for s in admin.list(state=pb.RUNNING)] == [running]
-    assert [s.job_id for s in observer.list(owner="alice")] == newest_first[:6]
-    assert [s.job_id for s in user.list()] == newest_first[:6] and user.list(owner="ada") == []
+    assert [s.job_id for s in observer.list(owner=SUBJECT["user"])] == newest_first[:6]
+    assert observer.list(owner="alice") == [], "an owner is its whole subject, not its CN"
+    assert [s.job_id for s in user.list()] == newest_first[:6] and user.list(owner=SUBJECT["admin"]) == []
     assert len(admin.list(state=pb.EXITED)) == 45 and len(admin.list(limit=3)) == 3
     for bad in (pb.ListRequest(page_size=1001), pb.ListRequest(page_token="x"), pb.ListRequest(page_token="-1"),
                 pb.ListRequest(state=99)):
@@ -1231,15 +1264,72 @@ def test_role_matrix(server):
     refusal = pytest.raises(grpc.RpcError, clients["observer"].start, ["true"]).value
     assert refusal.code() == DENIED and refusal.details() == "observers cannot start jobs"
     owners = {role: {status.owner for status in clients[role].list()} for role in clients}
-    assert owners["user"] == {"alice"} and owners["user2"] == set()
-    assert {"ada", "alice"} <= owners["admin"] and owners["observer"] == owners["admin"]
+    assert owners["user"] == {SUBJECT["user"]} and owners["user2"] == set()
+    assert {SUBJECT["admin"], SUBJECT["user"]} <= owners["admin"] and owners["observer"] == owners["admin"]
+
+
+def test_a_certificate_with_anothers_cn_cannot_see_or_touch_their_jobs(server, pki):
+    """A job's owner is the whole subject of the certificate that started it: a user certificate with the admin's CN
+    (CN=ada, OU=user), or with a user's CN in another organisation, gets for that one's jobs, running or ended, the
+    answer it gets for a job that does not exist; and lists none of them."""
+    owners = {"admin": server.client("admin"), "user": server.client("user")}
+    impostors = {"admin": server.client(pki.leaf("same-cn-as-admin", "/O=jobworker/OU=user/CN=ada")),
+                 "user": server.client(pki.leaf("same-cn-elsewhere", "/O=elsewhere/OU=user/CN=alice"))}
+    for victim, impostor in impostors.items():
+        owner = owners[victim]
+        running, ended = owner.start(["sleep", "600"]), owner.start(["true"])
+        owner.wait(ended)
+        stub = impostor.stub
+        calls = {"Query": lambda job_id: stub.Query(pb.QueryRequest(job_id=job_id), timeout=10),
+                 "Stream": lambda job_id: next(stub.Stream(pb.StreamRequest(job_id=job_id), timeout=10)),
+                 "Wait": lambda job_id: stub.Wait(pb.WaitRequest(job_id=job_id), timeout=10),
+                 "Stop": lambda job_id: stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=10),
+                 "Remove": lambda job_id: stub.Remove(pb.RemoveRequest(job_id=job_id), timeout=10)}
+        for method, call in calls.items():
+            nobodys = str(uuid.uuid4())
+            absent = pytest.raises(grpc.RpcError, call, nobodys).value
+            for job_id in (running, ended):
+                refused = pytest.raises(grpc.RpcError, call, job_id).value
+                assert (refused.code(), refused.details().replace(job_id, "ID")) == \
+                    (absent.code(), absent.details().replace(nobodys, "ID")) == (Code.NOT_FOUND, "no job ID"), \
+                    (victim, method, refused.code(), refused.details())
+        assert {running, ended}.isdisjoint(status.job_id for status in impostor.list())
+        assert impostor.list(owner=SUBJECT[victim]) == []
+        assert owner.query(running).state == pb.RUNNING and owner.query(ended).state == pb.EXITED
+        owner.stop(running, force=True)
+    own = impostors["admin"].start(["true"])
+    assert owners["admin"].query(own).owner == "O=jobworker,OU=user,CN=ada"  # told apart from the admin's
+
+
+def test_a_cas_certificate_or_a_blank_cn_is_no_callers_identity(server, pki):
+    """A certificate our CA signed with CA:TRUE (which could sign others), or whose CN is blank, is refused on every
+    call, saying why; basicConstraints is read strictly from the DER: a cA TRUE not encoded as DER's 0xFF is refused
+    as unreadable, not taken for either answer."""
+    ca_leaf = pki.leaf("ca-as-client", "/O=jobworker/OU=admin/CN=root", is_ca=True)
+    cases = {"the client certificate is a CA's (basicConstraints CA:TRUE), which is no caller's identity": ca_leaf,
+             "the client certificate's CN is blank": pki.leaf("blank-cn", "/O=jobworker/OU=admin/CN=  ")}
+    for message, credentials in cases.items():
+        channel, stub = open_channel(server, credentials)
+        with channel:
+            for call in (lambda: stub.Start(pb.StartRequest(command=["true"]), timeout=10),
+                         lambda: stub.List(pb.ListRequest(), timeout=10)):
+                refused = pytest.raises(grpc.RpcError, call).value
+                assert (refused.code(), refused.details()) == (Code.UNAUTHENTICATED, message)
+    der = ssl.PEM_cert_to_DER_cert(pathlib.Path(ca_leaf[0]).read_text())
+    assert jobworker.read_certificate(memoryview(der))[1] is True
+    leaf_der = ssl.PEM_cert_to_DER_cert(pathlib.Path(pki.roles["admin"][0]).read_text())
+    assert jobworker.read_certificate(memoryview(leaf_der))[1] is False
+    basic_constraints = bytes.fromhex("0603551d130101ff040530030101ff")  # critical, cA TRUE
+    assert der.count(basic_constraints) == 1
+    with pytest.raises(ValueError, match="basicConstraints"):
+        jobworker.read_certificate(memoryview(der.replace(basic_constraints, basic_constraints[:-1] + b"\x01")))
 
 
 def test_subject_parser_refuses_malformed_der():
     truncated = bytes.fromhex("3082")
     for der in (truncated, b"", b"\x30\x80", b"\x30\x84\x00\x00\x00\x01\x00", b"\x30\x81\x05abcde"):
         with pytest.raises((ValueError, IndexError)):
-            jobworker.subject_attributes(memoryview(der))
+            jobworker.read_certificate(memoryview(der))
 
 
 class LoopbackProxy:
@@ -1624,11 +1714,12 @@ def test_cli_list_and_query_print_aligned_columns_local_times_durations_and_size
     rows = {line.split()[0]: columns(line, header) for line in lines}
     assert len(rows) == len(lines) == len(admin.list()), "a job's line broke, or is missing"
     expected = {
-        ended: ["EXITED", "exit 0", owner, "2.0 KiB", "head -c 2048 /dev/zero"],
-        killed: ["EXITED", f"signal {signal.SIGRTMIN + 1} (SIGRTMIN+1)", "ada", "0 B",
+        ended: ["EXITED", "exit 0", f"O=jobworker,OU=user,CN={owner}", "2.0 KiB", "head -c 2048 /dev/zero"],
+        killed: ["EXITED", f"signal {signal.SIGRTMIN + 1} (SIGRTMIN+1)", SUBJECT["admin"], "0 B",
                  f"sh -c 'kill -s {signal.SIGRTMIN + 1} $$'"],
-        odd: ["EXITED", "exit 0", "ada", "22 B", "printf %s 'line one\\nline two' '\\x1b[31m'"],
-        running: ["RUNNING", f"pid {statuses[running].pid}", "ada", "6 B", "python3 -c 'import socket\\ngate = "],
+        odd: ["EXITED", "exit 0", SUBJECT["admin"], "22 B", "printf %s 'line one\\nline two' '\\x1b[31m'"],
+        running: ["RUNNING", f"pid {statuses[running].pid}", SUBJECT["admin"], "6 B",
+                  "python3 -c 'import socket\\ngate = "],
     }
     for job_id, (state, result, who, size, command) in expected.items():
         started = time.gmtime(statuses[job_id].started_at.seconds + 5 * 3600 + 30 * 60)
@@ -1640,6 +1731,23 @@ def test_cli_list_and_query_print_aligned_columns_local_times_durations_and_size
     query_header, row = queried.stdout.decode().splitlines()
     assert columns(row, query_header) == rows[ended]
     gate.open()
+
+
+def test_cli_shows_an_owners_whole_subject_with_the_control_characters_of_its_cn_escaped(server, admin, pki):
+    """A CN holding an escape sequence (clear the screen) and a newline: list and query show the owner's whole subject
+    on the job's one line, those characters escaped; --json gives it exactly."""
+    eve = server.client(pki.leaf("escaping-cn", "/O=jobworker/OU=user/CN=eve\x1b[2J\nOU=admin"))
+    job_id = eve.start(["true"])
+    eve.wait(job_id)
+    subject = "O=jobworker,OU=user,CN=eve\x1b[2J\nOU\\=admin"
+    assert admin.query(job_id).owner == subject
+    for argv in (("query", job_id), ("list", "--limit", "0")):
+        shown = server.cli(*argv)
+        assert shown.returncode == 0 and b"\x1b" not in shown.stdout, argv
+        header, *lines = shown.stdout.decode().splitlines()
+        (row,) = [line for line in lines if line.startswith(job_id)]
+        assert columns(row, header)[3] == "O=jobworker,OU=user,CN=eve\\x1b[2J\\nOU\\=admin", row
+    assert json.loads(server.cli("query", "--json", job_id).stdout)["owner"] == subject
 
 
 def test_cli_connection_flags_come_from_the_environment(server):
@@ -3452,7 +3560,7 @@ def test_reliability_hostile_start_requests(hostile, command, limits):
     allowed = start_outcome(hostile, request)
     code, response = status_of(lambda: hostile.stub.Start(request, timeout=60))
     if code == OK:
-        assert list(response.status.command) == command and response.status.owner == "ada"
+        assert list(response.status.command) == command and response.status.owner == SUBJECT["admin"]
         hostile.stub.Stop(pb.StopRequest(job_id=response.job_id, force=True), timeout=60)
     assert code in allowed, (code, allowed, [a[:40] for a in command[:5]], len(command), limits)
     hostile.still_serves()
@@ -3682,21 +3790,23 @@ def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc
         return connect
 
     rows = [  # (who calls, how it connects, the outcome of each RPC, the identity its jobs get)
-        ("admin", tls(pki.roles["admin"], "UTF8STRING"), everything, "ada"),
-        ("user", tls(pki.roles["user"], "UTF8STRING"), everything, "alice"),
+        ("admin", tls(pki.roles["admin"], "UTF8STRING"), everything, SUBJECT["admin"]),
+        ("user", tls(pki.roles["user"], "UTF8STRING"), everything, SUBJECT["user"]),
         ("observer", tls(pki.roles["observer"], "UTF8STRING"), observes, None),
         ("admin, PrintableString subject", tls(leaf("printable", "/O=jobworker/OU=admin/CN=pat", mask="pkix"),
-                                                "PRINTABLESTRING"), everything, "pat"),
+                                                "PRINTABLESTRING"), everything, "O=jobworker,OU=admin,CN=pat"),
         ("user, BMPString subject, non-ASCII CN", tls(leaf("bmp", "/O=jobworker/OU=user/CN=Zoë", mask="MASK:0x800"),
-                                                       "BMPSTRING"), everything, "Zoë"),
+                                                       "BMPSTRING"), everything, "O=jobworker,OU=user,CN=Zoë"),
         ("observer, UTF8String CN beyond the BMP", tls(leaf("astral", "/O=jobworker/OU=observer/CN=Zoë 😀"),
                                                         "UTF8STRING"), observes, None),
-        ("user, OU and CN in one multi-valued RDN", tls(leaf("multi", "/O=jobworker/OU=user+CN=mv")), everything, "mv"),
+        ("user, OU and CN in one multi-valued RDN", tls(leaf("multi", "/O=jobworker/OU=user+CN=mv")), everything,
+         "O=jobworker,CN=mv+OU=user"),
         ("observer, a CN holding ',OU=admin'", tls(leaf("comma", "/O=jobworker/OU=observer/CN=eve\\,OU=admin")),
          observes, None),
         ("observer, a CN holding '+OU=admin'", tls(leaf("plus", "/O=jobworker/OU=observer/CN=eve\\+OU=admin")),
          observes, None),
-        ("user, an O holding 'OU=admin'", tls(leaf("org", "/O=OU=admin/OU=user/CN=o")), everything, "o"),
+        ("user, an O holding 'OU=admin'", tls(leaf("org", "/O=OU=admin/OU=user/CN=o")), everything,
+         "O=OU\\=admin,OU=user,CN=o"),
         ("T61String subject (not decodable: refused)", tls(leaf("t61", "/O=jobworker/OU=admin/CN=tex", mask="MASK:0x4"),
                                                             "T61STRING"), every(UNAUTHENTICATED), None),
         ("no role", tls(leaf("norole", "/O=jobworker/CN=nora")), every(DENIED), None),
@@ -3705,6 +3815,11 @@ def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc
         ("unknown role", tls(leaf("unknown", "/O=jobworker/OU=superuser/CN=sue")), every(DENIED), None),
         ("a role in capitals", tls(leaf("caps", "/O=jobworker/OU=ADMIN/CN=cap")), every(DENIED), None),
         ("no CN", tls(leaf("nocn", "/O=jobworker/OU=admin")), every(UNAUTHENTICATED), None),
+        ("a blank CN", tls(leaf("blank", "/O=jobworker/OU=admin/CN= ")), every(UNAUTHENTICATED), None),
+        ("a CN of whitespace", tls(leaf("whitespace", "/O=jobworker/OU=admin/CN=\t\u3000")), every(UNAUTHENTICATED),
+         None),
+        ("a CA's certificate (CA:TRUE) with an admin OU", tls(leaf("ca", "/O=jobworker/OU=admin/CN=ca", is_ca=True)),
+         every(UNAUTHENTICATED), None),
         ("signed by another CA", tls(other.leaf("matrix-stranger", "/O=jobworker/OU=admin/CN=mallory")),
          every(HANDSHAKE), None),
         ("expired", tls(leaf("expired", "/O=jobworker/OU=admin/CN=old", start=now - 86400 * 10, end=now - 86400)),
@@ -3718,7 +3833,7 @@ def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc
         ("plaintext", lambda: (grpc.insecure_channel(server.addr), None), every(HANDSHAKE), None),
         ("admin over TLS 1.2", through_tls_proxy(ssl.TLSVersion.TLSv1_2, "TLSv1.2"), every(UNAUTHENTICATED), None),
         ("admin over TLS 1.3, through the same proxy", through_tls_proxy(ssl.TLSVersion.TLSv1_3, "TLSv1.3"),
-         everything, "ada"),
+         everything, SUBJECT["admin"]),
     ]
     admin = server.client("admin")
     target = admin.start(["sh", "-c", "echo running; exec sleep 600"])  # another's job, for those that may not start
