@@ -242,7 +242,7 @@ POLICY = {
     "Wait": {"admin": Scope.EVERY, "user": Scope.OWN, "observer": Scope.EVERY},
     "Remove": {"admin": Scope.EVERY, "user": Scope.OWN},
 }
-AUDITED = {"Start", "Stop", "Remove"}
+AUDITED = {"Start", "Stop", "Remove"}  # audited when they succeed too; every refused call of any RPC is
 OID_CN, OID_OU = "2.5.4.3", "2.5.4.11"
 # BoringSSL offers no minimum-version setting through gRPC Python, so TLS 1.3 is checked on every call (authenticate);
 # what can be restricted is the TLS 1.2 cipher list, which gRPC reads from the environment.
@@ -612,7 +612,7 @@ def _said_of_a_link(error, name, directory):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# gRPC server: mutual TLS on one address, every call behind the Guard, starts, stops and removes in the audit log
+# gRPC server: mutual TLS on one address, every call behind the Guard; starts, stops, removes and refusals audited
 # The RPCs themselves are the Servicer's, in the next section.
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -662,8 +662,8 @@ class Server:
 
 
 class Guard:
-    """Runs every RPC behind authenticate() and authorize(), so no call reaches the Servicer unchecked, and audits
-    starts, stops and removes.
+    """Runs every RPC behind authenticate() and authorize(), so no call reaches the Servicer unchecked, and audits the
+    starts, stops and removes that succeed and every call refused.
 
     It builds the service's handlers itself from the proto's service descriptor (the equivalent of an interceptor),
     so a streaming call is refused before its first byte, and a method without a POLICY entry cannot be served.
@@ -703,8 +703,7 @@ class Guard:
                 if method in AUDITED:
                     self.audit.record(method, caller, request, "OK", job_id=getattr(response, "job_id", None))
                 return response
-            if method in AUDITED:
-                self.audit.record(method, caller or _claimed_caller(context), request, code, error=message)
+            self.audit.record(method, caller or _claimed_caller(context), request, code, error=message)
             context.abort(getattr(grpc.StatusCode, code), message)
         return guarded
 
@@ -742,9 +741,14 @@ def _claimed_caller(context):
     return Caller(identity, None, fingerprint_of(der))
 
 
+AUDIT_TEXT_BYTES = 1024  # of each text a client sent (a command, a directory, a job id) that an audit entry keeps
+
+
 class Audit:
-    """One JSON line per start, stop and remove, appended to the audit file (readable by root alone; kept across
-    restarts) and the server's log."""
+    """One JSON line per start, stop and remove that succeeds, and per call of any RPC that is refused, as far as
+    RefusalLimit lets each caller's refusals be written; appended to the audit file (mode 0600, kept across
+    restarts) and the server's log. Whatever a client sent is kept to its first AUDIT_TEXT_BYTES (a command with
+    its length and SHA-256 too), so that one call's entry stays small whatever the call."""
 
     def __init__(self, data_dir):
         try:
@@ -753,30 +757,119 @@ class Audit:
         except OSError as e:
             raise SystemExit(f"jobworker: cannot open the audit log in {data_dir.path}: {e.strerror}") from None
         self._file = open(fd, "a", buffering=1)
+        self._limit = RefusalLimit()
         self._lock = threading.Lock()
 
     def record(self, method, caller, request, result, job_id=None, error=None):
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": method.lower(),
                  "who": caller.identity if caller else None, "role": caller.role if caller else None,
-                 "result": result, "job_id": job_id or getattr(request, "job_id", None) or None}
+                 "fingerprint": caller.fingerprint if caller else None, "result": result,
+                 "job_id": _cut_text(job_id or getattr(request, "job_id", None) or None)}
         if method == "Start" and not isinstance(request, Malformed):
-            entry["command"] = list(request.command)[:64]
-            entry["env"] = sorted(request.env)[:64]  # the names only: values may be secrets
-            entry["working_directory"] = request.working_directory
+            entry.update(_command_summary(request.command))
+            entry["env"] = _cut_texts(sorted(request.env))  # the names only: values may be secrets
+            entry["working_directory"] = _cut_text(request.working_directory)
         if method == "Stop" and not isinstance(request, Malformed):
             entry["force"] = request.force
         if error:
-            entry["error"] = error
-        line = json.dumps(entry, sort_keys=True)
+            entry["error"] = _cut_text(error)
         with self._lock:
-            try:
-                self._file.write(line + "\n")
-            except (OSError, ValueError) as e:  # a full disk, or closed at shutdown: the server's log still has it
-                logging.error("cannot write the audit log: %s", e)
+            if result != "OK":
+                written, entry["unwritten_before"], forgotten = self._limit.take(
+                    (entry["fingerprint"], entry["who"]), time.monotonic())
+                for who in forgotten:
+                    self._write(self._summary(*who))
+                if not written:
+                    return
+            self._write(entry)
+
+    @staticmethod
+    def _summary(fingerprint, who, count):
+        """An entry for the refusals of a caller that were not written, once no later entry of its will say so."""
+        return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": "unwritten refusals",
+                "who": who, "fingerprint": fingerprint, "unwritten_before": count}
+
+    def _write(self, entry):
+        line = json.dumps(entry, sort_keys=True)
+        try:
+            self._file.write(line + "\n")
+        except (OSError, ValueError) as e:  # a full disk, or closed at shutdown: the server's log still has it
+            logging.error("cannot write the audit log: %s", e)
         logging.info("audit %s", line)
 
     def close(self):
-        self._file.close()
+        with self._lock:
+            for who in self._limit.counts():
+                self._write(self._summary(*who))
+            self._file.close()
+
+
+def _command_summary(command):
+    """A command for the audit log: its first AUDIT_TEXT_BYTES (as List cuts a command), and the length and SHA-256
+    of the whole of it as the kernel holds it (each argument in UTF-8, then a NUL: /proc/PID/cmdline)."""
+    digest, size = hashlib.sha256(), 0
+    for arg in command:
+        encoded = arg.encode() + b"\0"
+        digest.update(encoded)
+        size += len(encoded)
+    return {"command": _cut_texts(command), "command_bytes": size, "command_sha256": digest.hexdigest()}
+
+
+def _cut_texts(texts):
+    """Texts cut to AUDIT_TEXT_BYTES in all: whole ones while they fit, then part of one (never inside a
+    character)."""
+    room, kept = AUDIT_TEXT_BYTES, []
+    for text in texts:
+        encoded = text.encode()
+        if len(encoded) > room:
+            kept.append(encoded[:room].decode(errors="ignore"))
+            break
+        kept.append(text)
+        room -= len(encoded)
+    return kept
+
+
+def _cut_text(text):
+    return None if text is None else text.encode()[:AUDIT_TEXT_BYTES].decode(errors="ignore")
+
+
+class RefusalLimit:
+    """How many of each caller's refused calls the audit writes: a token bucket per certificate, which lets BURST be
+    written at once and RATE a second after that, so that no caller can fill the disk with its refusals, nor hide
+    another's among them. The refusals not written are counted, and the count goes in the caller's next entry that
+    is written. CALLERS are tracked at most (bounded memory): the least recently refused is forgotten first, its
+    count, if any, then written in a summary entry, as every count left at shutdown is."""
+
+    BURST, RATE, CALLERS = 20, 1.0, 1024
+
+    def __init__(self):
+        self._buckets = {}  # caller -> [tokens, when last counted, refusals not written], least recently refused first
+
+    def take(self, caller, now):
+        """A refusal of `caller`'s: (whether it is written, how many of its refusals before it were not, and the
+        [(caller..., count)] of the callers forgotten to make room, whose counts are not written yet)."""
+        forgotten = []
+        bucket = self._buckets.pop(caller, None)
+        if bucket is None:
+            bucket = [float(self.BURST), now, 0]
+            while len(self._buckets) >= self.CALLERS:
+                oldest = next(iter(self._buckets))
+                if self._buckets[oldest][2]:
+                    forgotten.append((*oldest, self._buckets[oldest][2]))
+                del self._buckets[oldest]
+        self._buckets[caller] = bucket  # now the most recently refused
+        tokens, bucket[1] = min(self.BURST, bucket[0] + (now - bucket[1]) * self.RATE), now
+        if tokens < 1:
+            bucket[0], bucket[2] = tokens, bucket[2] + 1
+            return False, 0, forgotten
+        unwritten, bucket[0], bucket[2] = bucket[2], tokens - 1, 0
+        return True, unwritten, forgotten
+
+    def counts(self):
+        """[(caller..., count)] of every caller with refusals not written yet; forgets them."""
+        counts = [(*caller, bucket[2]) for caller, bucket in self._buckets.items() if bucket[2]]
+        self._buckets.clear()
+        return counts
 
 
 class LongCallSlots:

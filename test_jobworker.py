@@ -768,6 +768,101 @@ def test_audit_log_records_every_start_and_stop(server, admin):
     assert denied and denied[-1]["result"] == "PERMISSION_DENIED"
 
 
+def fingerprint(cert):
+    """The SHA-256 fingerprint of a certificate file (of its DER), as the audit log names a caller's."""
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pathlib.Path(cert).read_text())).hexdigest()
+
+
+def test_every_refused_call_is_audited_with_the_callers_subject_and_fingerprint(server, pki):
+    """Query, Stream, Wait and List refused (a job not found, a bad page size; a certificate without a role, refused
+    before it is identified): each is an audit entry naming the caller's subject and its certificate's fingerprint."""
+    callers = {"user": pki.leaf("refused-user", "/O=jobworker/OU=user/CN=refused"),
+               "roleless": pki.leaf("refused-roleless", "/O=jobworker/CN=roleless")}
+    subjects = {"user": "O=jobworker,OU=user,CN=refused", "roleless": "O=jobworker,CN=roleless"}
+    missing = str(uuid.uuid4())
+    refusals = {}  # (caller, action) -> (code, message)
+    for name, credentials in callers.items():
+        channel, stub = open_channel(server, credentials)
+        with channel:
+            calls = {"query": lambda: stub.Query(pb.QueryRequest(job_id=missing), timeout=10),
+                     "stream": lambda: next(stub.Stream(pb.StreamRequest(job_id=missing), timeout=10)),
+                     "wait": lambda: stub.Wait(pb.WaitRequest(job_id=missing), timeout=10),
+                     "list": lambda: stub.List(pb.ListRequest(page_size=1001), timeout=10)}
+            for action, call in calls.items():
+                refused = pytest.raises(grpc.RpcError, call).value
+                refusals[name, action] = refused.code().name, refused.details()
+    assert {key: code for key, (code, _) in refusals.items()} == {
+        **{("user", action): "NOT_FOUND" for action in ("query", "stream", "wait")}, ("user", "list"): "INVALID_ARGUMENT",
+        **{("roleless", action): "PERMISSION_DENIED" for action in ("query", "stream", "wait", "list")}}
+    entries = audit_entries(server)
+    for (name, action), (code, message) in refusals.items():
+        found = [e for e in entries if e["fingerprint"] == fingerprint(callers[name][0]) and e["action"] == action]
+        assert len(found) == 1, (name, action, found)
+        assert found[0] == dict(found[0], who=subjects[name], result=code, error=message,
+                                job_id=None if action == "list" else missing), found[0]
+
+
+def test_a_refused_start_of_a_huge_command_is_audited_in_an_entry_of_bounded_size(server, pki):
+    """An observer's Start of 4 MiB of control characters: its entry keeps the command's first KiB, and its length and
+    SHA-256 (of the arguments each ended by a NUL, as /proc/PID/cmdline holds them), in a few KiB."""
+    cert, key = pki.leaf("huge-observer", "/O=jobworker/OU=observer/CN=huge")
+    observer = server.client((cert, key))
+    command = ["printf", bytes(range(1, 32)).decode() * (4 * MiB // 31 - 64)]
+    audit = os.path.join(server.data_dir, "audit.log")
+    before = os.path.getsize(audit)
+    assert status_of(lambda: observer.start(command)).code == Code.PERMISSION_DENIED
+    grown = os.path.getsize(audit) - before
+    (entry,) = [e for e in audit_entries(server) if e["fingerprint"] == fingerprint(cert)]
+    whole = b"".join(arg.encode() + b"\0" for arg in command)
+    assert entry["command"] == ["printf", command[1][:1024 - len("printf")]]
+    assert entry["command_bytes"] == len(whole) > 4_000_000 and entry["command_sha256"] == sha256(whole)
+    assert grown <= 8 * 1024, f"{grown} bytes of audit log for one refused Start"
+
+
+def test_a_burst_of_refusals_is_audited_up_to_its_bucket_and_the_rest_counted(server, pki):
+    """One caller's refusals in a burst: the first BURST are written, then RATE a second at most, the rest counted; the
+    caller's next entry written says how many were not; another caller's refusal during the burst is written."""
+    burst, rate = jobworker.RefusalLimit.BURST, jobworker.RefusalLimit.RATE
+    certificates = {name: pki.leaf(f"burst-{name}", f"/O=jobworker/OU=user/CN={name}") for name in ("noisy", "other")}
+    clients = {name: server.client(credentials) for name, credentials in certificates.items()}
+    calls = collections.Counter()
+
+    def refused(name):
+        calls[name] += 1
+        return status_of(lambda: clients[name].query(str(uuid.uuid4()))).code == Code.NOT_FOUND
+
+    def audited(name):
+        return [e for e in audit_entries(server) if e["fingerprint"] == fingerprint(certificates[name][0])]
+
+    began = time.monotonic()
+    assert all(refused("noisy") for _ in range(2 * burst))
+    assert refused("other")
+    assert all(refused("noisy") for _ in range(burst))
+    elapsed = time.monotonic() - began
+    written = audited("noisy")
+    assert burst <= len(written) <= burst + elapsed * rate, (len(written), elapsed)
+    assert [e["unwritten_before"] for e in written[:burst]] == [0] * burst
+    assert [e["result"] for e in audited("other")] == ["NOT_FOUND"]
+    assert wait_until(lambda: refused("noisy") and len(audited("noisy")) > len(written), timeout=30), \
+        "no refusal written once the bucket had a token again"
+    written = audited("noisy")
+    assert written[-1]["unwritten_before"] > 0
+    assert len(written) + sum(e["unwritten_before"] for e in written) == calls["noisy"]
+
+
+def test_refusal_limit_forgets_the_least_recently_refused_caller_first_with_its_count():
+    limit = jobworker.RefusalLimit()
+    limit.CALLERS = 2
+    taken = [limit.take(("a", "A"), 0.0) for _ in range(limit.BURST + 3)]
+    assert [written for written, _, _ in taken] == [True] * limit.BURST + [False] * 3
+    assert limit.take(("b", "B"), 0.0) == (True, 0, [])
+    assert limit.take(("a", "A"), 1.0 / limit.RATE) == (True, 3, [])  # a token again: its count, in its entry
+    assert limit.take(("a", "A"), 1.0 / limit.RATE)[0] is False
+    assert limit.take(("c", "C"), 1.0 / limit.RATE) == (True, 0, [])  # b forgotten: it had nothing unwritten
+    assert limit.take(("d", "D"), 1.0 / limit.RATE) == (True, 0, [("a", "A", 1)])
+    assert limit.counts() == [] and limit.take(("a", "A"), 2.0)[:2] == (True, 0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # History: each job's record, a restart, retention, Remove, the output cap, a full disk, List's pages
 # ---------------------------------------------------------------------------------------------------------------------
