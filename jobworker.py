@@ -3138,7 +3138,7 @@ def _cells(status, now):
     if status.output_dropped_bytes:  # past the server's --max-output, or on a full disk
         output += f" (+{format_size(status.output_dropped_bytes)} dropped)"
     command = _printable(shlex.join(status.command)) + (" …" if status.command_truncated else "")  # List cut it
-    return (status.job_id, pb.JobState.Name(status.state), result, _printable(status.owner) or "-",
+    return (_printable(status.job_id), pb.JobState.Name(status.state), result, _printable(status.owner) or "-",
             time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)), format_duration(max(0.0, ended - started)),
             output, command)
 
@@ -3189,7 +3189,7 @@ def main(argv=None):
     try:
         return serve(args) if args.action == "serve" else run_client(args)
     except grpc.RpcError as e:
-        print(f"{e.code().name}: {e.details()}", file=sys.stderr)
+        print(f"{e.code().name}: {_printable(e.details() or '')}", file=sys.stderr)  # the server's text
         return 1
     except BrokenPipeError:
         return 141  # our reader went away, as with any Unix tool writing to a closed pipe
@@ -3271,7 +3271,7 @@ def run_client(args):
 
 
 def cli_start(client, args):
-    print(_start(client, args))
+    print(_printable(_start(client, args)))
     return 0
 
 
@@ -3346,7 +3346,8 @@ class StopOnInterrupt:
             self.client.stop(self.job_id, force=force)
         except grpc.RpcError as e:  # the stream goes on; another Ctrl-C tries again
             if e.code() != grpc.StatusCode.CANCELLED:
-                os.write(2, f"jobworker: cannot stop the job: {e.code().name}: {e.details()}\n".encode())
+                os.write(2, f"jobworker: cannot stop the job: {e.code().name}: {_printable(e.details() or '')}\n"
+                         .encode())
 
 
 def cli_status(client, args):

@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -1843,6 +1844,56 @@ def test_cli_shows_an_owners_whole_subject_with_the_control_characters_of_its_cn
         (row,) = [line for line in lines if line.startswith(job_id)]
         assert columns(row, header)[3] == "O=jobworker,OU=user,CN=eve\\x1b[2J\\nOU\\=admin", row
     assert json.loads(server.cli("query", "--json", job_id).stdout)["owner"] == subject
+
+
+class ControlCharacters(jobworker.pb_grpc.JobWorkerServicer):
+    """A stand-in for a server, over the same mutual TLS, whose every answer holds control characters (escape
+    sequences that clear the screen and set the terminal's title, a CSI of C1, a newline, a carriage return)."""
+
+    TEXT = "\x1b[2J\x1b]0;owned\x07\x9b31m\nsecond line\r"
+
+    def status(self):
+        return pb.JobStatus(job_id=self.TEXT, owner=self.TEXT, command=[self.TEXT], state=pb.EXITED, exit_code=0)
+
+    def Start(self, request, context):
+        return pb.StartResponse(job_id=self.TEXT)
+
+    def Query(self, request, context):
+        return self.status()
+
+    def List(self, request, context):
+        return pb.ListResponse(jobs=[self.status()])
+
+    def Stop(self, request, context):
+        context.abort(Code.NOT_FOUND, self.TEXT)
+
+    def Remove(self, request, context):
+        context.abort(Code.FAILED_PRECONDITION, self.TEXT)
+
+
+def test_cli_escapes_the_control_characters_of_whatever_a_server_sends(pki):
+    """What start, run --detach, query and list print, and the error lines of stop and remove, hold no control
+    character but the newlines that end their lines, whatever the server sends (here, a stand-in that sends them)."""
+    cert, key = pki.server
+    stand_in = grpc.server(ThreadPoolExecutor(4))
+    jobworker.pb_grpc.add_JobWorkerServicer_to_server(ControlCharacters(), stand_in)
+    port = stand_in.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(pathlib.Path(key).read_bytes(), pathlib.Path(cert).read_bytes())],
+        root_certificates=pathlib.Path(pki.ca_cert).read_bytes(), require_client_auth=True))
+    stand_in.start()
+    try:
+        job_id, (cert, key) = str(uuid.uuid4()), pki.roles["admin"]
+        cases = {("start", "--", "true"): (1, 0), ("run", "--detach", "--", "true"): (1, 0), ("query", job_id): (2, 0),
+                 ("list",): (2, 0), ("stop", job_id): (0, 1), ("remove", job_id): (0, 1)}
+        for (action, *rest), lines in cases.items():
+            shown = subprocess.run([sys.executable, JOBWORKER, action, "--addr", f"127.0.0.1:{port}", "--cert", cert,
+                                    "--key", key, "--ca", pki.ca_cert, *rest], capture_output=True, timeout=60)
+            out, err = shown.stdout.decode(), shown.stderr.decode()
+            assert (len(out.splitlines()), len(err.splitlines())) == lines, (action, out, err)
+            assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", out + err), (action, out, err)
+            assert "\\x1b[2J\\x1b]0;owned\\x07\\x9b31m\\nsecond line\\r" in out + err, (action, out, err)
+    finally:
+        stand_in.stop(None)
 
 
 def test_cli_connection_flags_come_from_the_environment(server):
