@@ -32,6 +32,7 @@ import socket
 import struct
 import sys
 import time
+from stat import S_IMODE, S_ISLNK, S_ISREG
 
 
 class _ImportedOnFirstUse:
@@ -55,6 +56,7 @@ pb_grpc = _ImportedOnFirstUse("gen.jobworker_pb2_grpc")
 json_format = _ImportedOnFirstUse("google.protobuf.json_format")
 argparse = _ImportedOnFirstUse("argparse")
 futures = _ImportedOnFirstUse("concurrent.futures")
+hashlib = _ImportedOnFirstUse("hashlib")
 logging = _ImportedOnFirstUse("logging")
 shutil = _ImportedOnFirstUse("shutil")
 shlex = _ImportedOnFirstUse("shlex")
@@ -218,8 +220,8 @@ def _write_all(fd, data):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Security: who the caller is (its certificate, over mutual TLS 1.3) and what its role lets it do
-# A method missing from POLICY, or a role missing from its entry, is refused.
+# Security: who the caller is (its certificate, over mutual TLS 1.3) and what its role lets it do; the data directory
+# A method missing from POLICY, or a role missing from its entry, is refused; so is a data directory not ours alone.
 # ---------------------------------------------------------------------------------------------------------------------
 
 ROLES = ("admin", "user", "observer")
@@ -240,26 +242,28 @@ POLICY = {
     "Wait": {"admin": Scope.EVERY, "user": Scope.OWN, "observer": Scope.EVERY},
     "Remove": {"admin": Scope.EVERY, "user": Scope.OWN},
 }
-AUDITED = {"Start", "Stop", "Remove"}
+AUDITED = {"Start", "Stop", "Remove"}  # audited when they succeed too; every refused call of any RPC is
 OID_CN, OID_OU = "2.5.4.3", "2.5.4.11"
-# BoringSSL offers no minimum-version setting through gRPC Python, so TLS 1.3 is checked on every call (authorize);
+# BoringSSL offers no minimum-version setting through gRPC Python, so TLS 1.3 is checked on every call (authenticate);
 # what can be restricted is the TLS 1.2 cipher list, which gRPC reads from the environment.
 TLS12_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
                  "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305")
 
 
 class Caller:
-    """An authenticated caller: its identity (certificate CN), its role, and the jobs the current call may touch."""
+    """A caller, as its client certificate says: its identity (the certificate's whole subject, as subject_string
+    writes it, which owns the jobs it starts), its role, the SHA-256 fingerprint of the certificate (for the audit
+    log), and the jobs the current call may touch."""
 
-    def __init__(self, identity, role, scope=None):
-        self.identity, self.role, self.scope = identity, role, scope
+    def __init__(self, identity, role, fingerprint=None, scope=None):
+        self.identity, self.role, self.fingerprint, self.scope = identity, role, fingerprint, scope
 
     def may_see(self, job):
         return self.scope is Scope.EVERY or job.owner == self.identity
 
 
-def authorize(method, auth_context):
-    """The one place that decides whether a call may run: TLS 1.3, a readable identity, and POLICY."""
+def authenticate(auth_context):
+    """The Caller a call comes from: over TLS 1.3, with a client certificate that is a usable identity (identify)."""
     if auth_context.get("transport_security_type") != [b"ssl"]:
         raise Refused("UNAUTHENTICATED", "mutual TLS is required")
     if auth_context.get("ssl_tls_version") != [b"TLSv1.3"]:
@@ -267,39 +271,87 @@ def authorize(method, auth_context):
     certificates = auth_context.get("x509_pem_cert")
     if not certificates:
         raise Refused("UNAUTHENTICATED", "a client certificate is required")
-    caller = identify(certificates[0])
+    return identify(certificates[0])
+
+
+def authorize(method, caller):
+    """The one place that decides whether an authenticated caller's call may run (POLICY): sets the jobs it may
+    touch."""
     caller.scope = POLICY.get(method, {}).get(caller.role)
     if caller.scope is None:
         raise Refused("PERMISSION_DENIED", f"{caller.role}s cannot {method.lower()} jobs" if method in POLICY
                       else f"{method} is not allowed")
-    return caller
 
 
 def identify(pem):
-    """Caller(identity, role) from a client certificate in PEM form: exactly one CN and exactly one role OU."""
+    """Caller(identity, role, fingerprint) from a client certificate in PEM form: its subject must hold exactly one
+    CN, not blank, and exactly one role OU; and the certificate must not be a CA's, which could sign others."""
+    der = _der_of(pem)
     try:
-        attributes = subject_attributes(memoryview(ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))))
+        rdns, is_ca = read_certificate(memoryview(der))
     except (ValueError, IndexError) as e:
         raise Refused("UNAUTHENTICATED", f"unreadable client certificate: {e}") from None
+    if is_ca:
+        raise Refused("UNAUTHENTICATED", "the client certificate is a CA's (basicConstraints CA:TRUE), which is no "
+                                         "caller's identity")
+    attributes = [attribute for rdn in rdns for attribute in rdn]
     names = [value for oid, value in attributes if oid == OID_CN]
     units = [value for oid, value in attributes if oid == OID_OU]
-    if len(names) != 1 or not names[0]:
+    if len(names) != 1:
         raise Refused("UNAUTHENTICATED", "the client certificate must name exactly one CN")
+    if not names[0].strip():
+        raise Refused("UNAUTHENTICATED", "the client certificate's CN is blank")
     if len(units) != 1 or units[0] not in ROLES:
         found = ", ".join(repr(unit) for unit in units) or "none"
         raise Refused("PERMISSION_DENIED", f"the client certificate must carry exactly one role OU "
                                            f"({', '.join(ROLES)}); it has {found}")
-    return Caller(names[0], units[0])
+    return Caller(subject_string(rdns), units[0], fingerprint_of(der))
+
+
+def _der_of(pem):
+    try:
+        return ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
+    except ValueError as e:  # not ASCII, not PEM, not base64
+        raise Refused("UNAUTHENTICATED", f"unreadable client certificate: {e}") from None
+
+
+def fingerprint_of(der):
+    """The SHA-256 fingerprint of a DER certificate, in hex: what `openssl x509 -fingerprint -sha256` shows."""
+    return hashlib.sha256(der).hexdigest()
+
+
+# The attribute types a subject string names (RFC 4514's); any other is written as its dotted OID.
+ATTRIBUTE_NAMES = {OID_CN: "CN", OID_OU: "OU", "2.5.4.10": "O", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
+                   "2.5.4.9": "STREET", "0.9.2342.19200300.100.1.25": "DC", "0.9.2342.19200300.100.1.1": "UID"}
+
+
+def subject_string(rdns):
+    """A subject as one string, for no other subject the same: its RDNs in the certificate's order (as openssl shows
+    them) joined by ',', the attributes of a multi-valued RDN sorted and joined by '+', each TYPE=value with RFC 4514's
+    escaping, so that no value can pass for another attribute or RDN: 'O=jobworker,OU=user,CN=alice'."""
+    return ",".join("+".join(sorted(f"{ATTRIBUTE_NAMES.get(oid, oid)}={_escaped(value)}" for oid, value in rdn))
+                    for rdn in rdns)
+
+
+def _escaped(value):
+    """An attribute value as RFC 4514 writes it: a backslash before each special character, a leading '#' or space
+    and a trailing space; NUL as \\00."""
+    last = len(value) - 1
+    return "".join("\\00" if c == "\0" else "\\" + c if c in '\\"+,;<>=' or (i == 0 and c in "# ") or
+                   (i == last and c == " ") else c for i, c in enumerate(value))
 
 
 STRING_TYPES = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii", 0x1E: "utf-16-be", 0x1C: "utf-32-be"}
+OID_BASIC_CONSTRAINTS = "2.5.29.19"
 
 
-def subject_attributes(der):
-    """[(OID, value)] of every attribute in the subject of a DER certificate, read strictly from its structure.
+def read_certificate(der):
+    """What a DER certificate says of its holder, read strictly from its structure: (its subject, as a list of RDNs
+    each a list of (OID, value); whether its basicConstraints extension says it is a CA's).
 
     Reading the structure, rather than the RFC 2253 string gRPC also offers, means no escaped comma, plus sign or
-    equals sign in any value can pass for an attribute it is not. A string type we cannot decode is refused.
+    equals sign in any value can pass for an attribute it is not. A string type we cannot decode is refused, and so
+    are extensions out of order, one that appears twice, and a basicConstraints that is not DER.
     """
     tag, start, end = _der(der, 0, len(der))               # Certificate
     if tag != 0x30 or end != len(der):
@@ -310,13 +362,21 @@ def subject_attributes(der):
     fields = list(_der_children(der, start, end))
     if fields and fields[0][0] == 0xA0:                    # [0] version
         fields = fields[1:]
-    if len(fields) < 5 or fields[4][0] != 0x30:            # serial, signature, issuer, validity, subject
+    if len(fields) < 6 or fields[4][0] != 0x30:            # serial, signature, issuer, validity, subject, key
         raise ValueError("not a certificate")
-    attributes = []
-    _, start, end = fields[4]
+    optional = [tag for tag, _, _ in fields[6:]]           # [1] issuerUniqueID, [2] subjectUniqueID, [3] extensions
+    if optional != sorted(set(optional)) or not set(optional) <= {0x81, 0x82, 0xA3}:
+        raise ValueError("not a certificate")
+    extensions = [(start, end) for tag, start, end in fields[6:] if tag == 0xA3]
+    return _rdns(der, *fields[4][1:]), bool(extensions) and _says_ca(der, *extensions[0])
+
+
+def _rdns(der, start, end):
+    rdns = []
     for rdn_tag, rdn_start, rdn_end in _der_children(der, start, end):
         if rdn_tag != 0x31:
             raise ValueError("bad RDN")
+        rdn = []
         for atv_tag, atv_start, atv_end in _der_children(der, rdn_start, rdn_end):
             parts = list(_der_children(der, atv_start, atv_end))
             if atv_tag != 0x30 or len(parts) != 2 or parts[0][0] != 0x06:
@@ -325,8 +385,53 @@ def subject_attributes(der):
             if value_tag not in STRING_TYPES:
                 raise ValueError(f"attribute string type 0x{value_tag:02x} is not accepted")
             value = bytes(der[value_start:value_end]).decode(STRING_TYPES[value_tag])  # strict
-            attributes.append((_oid(der[oid_start:oid_end]), value))
-    return attributes
+            rdn.append((_oid(der[oid_start:oid_end]), value))
+        if not rdn:
+            raise ValueError("empty RDN")
+        rdns.append(rdn)
+    return rdns
+
+
+def _says_ca(der, start, end):
+    """Whether the extensions (the content of TBSCertificate's [3]) hold a basicConstraints that says cA."""
+    children = list(_der_children(der, start, end))  # exactly one: the SEQUENCE of extensions
+    if len(children) != 1 or children[0][0] != 0x30:
+        raise ValueError("bad extensions")
+    _, start, end = children[0]
+    seen, ca = set(), False
+    for tag, ext_start, ext_end in _der_children(der, start, end):
+        parts = list(_der_children(der, ext_start, ext_end))  # extnID, critical (DER omits FALSE), extnValue
+        if tag != 0x30 or not 2 <= len(parts) <= 3 or parts[0][0] != 0x06 or parts[-1][0] != 0x04 or \
+                (len(parts) == 3 and not _is_true(der, parts[1])):
+            raise ValueError("bad extension")
+        oid = _oid(der[parts[0][1]:parts[0][2]])
+        if oid in seen:
+            raise ValueError(f"extension {oid} appears twice")
+        seen.add(oid)
+        if oid == OID_BASIC_CONSTRAINTS:
+            ca = _basic_constraints_ca(der, *parts[-1][1:])
+    return ca
+
+
+def _basic_constraints_ca(der, start, end):
+    """cA of a DER BasicConstraints, SEQUENCE { cA BOOLEAN DEFAULT FALSE, pathLenConstraint INTEGER OPTIONAL }."""
+    tag, content, content_end = _der(der, start, end)
+    if tag != 0x30 or content_end != end:
+        raise ValueError("bad basicConstraints")
+    parts = list(_der_children(der, content, content_end))
+    ca = bool(parts) and parts[0][0] == 0x01
+    if ca and not _is_true(der, parts[0]):  # DER omits a FALSE that is the default
+        raise ValueError("bad basicConstraints")
+    rest = parts[1:] if ca else parts
+    if len(rest) > 1 or (rest and rest[0][0] != 0x02):
+        raise ValueError("bad basicConstraints")
+    return ca
+
+
+def _is_true(der, element):
+    """Whether a DER element is the BOOLEAN TRUE (DER has one encoding of it: 0xFF)."""
+    tag, start, end = element
+    return tag == 0x01 and bytes(der[start:end]) == b"\xff"
 
 
 def _der(data, offset, end):
@@ -415,8 +520,99 @@ def _read_bytes(path):
         return f.read()
 
 
+class DataDirectory:
+    """The data directory and its jobs directory, each opened once, as this server's user's alone: owned by it, not
+    writable by group or others, not a symbolic link (else SystemExit, naming why). Every file in them is then opened,
+    made and removed relative to these descriptors (open_file, opened_directory, dir_fd=), never through a symbolic
+    link, so that nobody else can point the server's writes and removals at other files."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            self.fd = self._trusted(path, None, path)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir("jobs", 0o700, dir_fd=self.fd)
+            self.jobs = self._trusted("jobs", self.fd, os.path.join(path, "jobs"))
+            self._check_writable()
+        except OSError as e:
+            raise SystemExit(f"jobworker: the data directory {path} is not usable: {e.strerror}") from None
+
+    @staticmethod
+    def _trusted(name, dir_fd, shown):
+        """A descriptor of the directory `name` (in `dir_fd`), if it is this user's alone; else SystemExit, saying why
+        (`shown`: its path)."""
+        try:
+            fd = open_directory(os.path.normpath(name), dir_fd)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            fd, problem = None, "is a symbolic link"
+        else:
+            found = os.fstat(fd)
+            problem = (f"is owned by uid {found.st_uid}, not by this server's (uid {os.geteuid()})"
+                       if found.st_uid != os.geteuid() else
+                       f"is writable by group or others (mode {S_IMODE(found.st_mode):04o})"
+                       if found.st_mode & 0o022 else None)
+        if problem:
+            if fd is not None:
+                os.close(fd)
+            raise SystemExit(f"jobworker: {shown} {problem}; the data directory and its jobs directory must be the "
+                             f"server's user's alone")
+        return fd
+
+    def _check_writable(self):
+        probe = ".writable"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe, dir_fd=self.fd)  # one a killed server left
+        os.close(open_file(self.fd, probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        os.unlink(probe, dir_fd=self.fd)
+
+
+def open_file(directory, name, flags, mode=0o600):
+    """A descriptor of the regular file `name` in `directory` (a descriptor), opened with `flags`, never through a
+    symbolic link (OSError ELOOP); anything else there (a FIFO, whose open would block, a device) is refused too."""
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=directory)
+    except OSError as e:
+        raise _said_of_a_link(e, name, directory) from None
+    if not S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{name} is not a regular file")
+    return fd
+
+
+def open_directory(name, directory=None):
+    """A descriptor of the directory `name` (in `directory`, a descriptor, if given), never opened through a symbolic
+    link (OSError ELOOP)."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    except OSError as e:
+        raise _said_of_a_link(e, name, directory) from None
+
+
+@contextlib.contextmanager
+def opened_directory(directory, name):
+    """The directory `name` in `directory` (a descriptor), opened for a with block (see open_directory)."""
+    fd = open_directory(name, directory)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _said_of_a_link(error, name, directory):
+    """An open's OSError, saying so when it was refused because `name` is a symbolic link (which O_NOFOLLOW makes
+    ELOOP, and O_DIRECTORY ENOTDIR)."""
+    if error.errno in (errno.ELOOP, errno.ENOTDIR):
+        with contextlib.suppress(OSError):
+            if S_ISLNK(os.lstat(name, dir_fd=directory).st_mode):
+                return OSError(errno.ELOOP, f"{name} is a symbolic link, which is not followed")
+    return error
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# gRPC server: mutual TLS on one address, every call behind the Guard, starts, stops and removes in the audit log
+# gRPC server: mutual TLS on one address, every call behind the Guard; starts, stops, removes and refusals audited
 # The RPCs themselves are the Servicer's, in the next section.
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -427,7 +623,7 @@ class Server:
     RESERVED = 64   # threads streams and waits may not take, for the other calls
 
     def __init__(self, addr, cert, key, ca, data_dir, sandbox, policy, **keeping):
-        self.audit = Audit(os.path.join(data_dir, "audit.log"))
+        self.audit = Audit(data_dir)
         try:
             self.manager = JobManager(data_dir, sandbox, policy, **keeping)
             try:
@@ -466,8 +662,8 @@ class Server:
 
 
 class Guard:
-    """Runs every RPC behind authorize(), so no call reaches the Servicer unchecked, and audits starts, stops and
-    removes.
+    """Runs every RPC behind authenticate() and authorize(), so no call reaches the Servicer unchecked, and audits the
+    starts, stops and removes that succeed and every call refused.
 
     It builds the service's handlers itself from the proto's service descriptor (the equivalent of an interceptor),
     so a streaming call is refused before its first byte, and a method without a POLICY entry cannot be served.
@@ -493,7 +689,8 @@ class Guard:
         def guarded(request, context):
             caller = None
             try:
-                caller = authorize(method, context.auth_context())
+                caller = authenticate(context.auth_context())
+                authorize(method, caller)
                 if isinstance(request, Malformed):
                     raise Refused("INVALID_ARGUMENT", request.error)
                 response = implementation(request, context, caller)
@@ -506,8 +703,7 @@ class Guard:
                 if method in AUDITED:
                     self.audit.record(method, caller, request, "OK", job_id=getattr(response, "job_id", None))
                 return response
-            if method in AUDITED:
-                self.audit.record(method, caller or _claimed_caller(context), request, code, error=message)
+            self.audit.record(method, caller or _claimed_caller(context), request, code, error=message)
             context.abort(getattr(grpc.StatusCode, code), message)
         return guarded
 
@@ -529,42 +725,151 @@ def _lenient(message_class):
 
 
 def _claimed_caller(context):
-    """Who a refused caller claimed to be, for the audit log, if its certificate says."""
-    names = context.auth_context().get("x509_common_name")
-    return Caller(names[0].decode(errors="replace"), None) if names else None
+    """Who a caller refused before it was identified claimed to be, for the audit log: the fingerprint of its
+    certificate, and its subject as far as it can be read."""
+    certificates = context.auth_context().get("x509_pem_cert")
+    if not certificates:
+        return None
+    try:
+        der = _der_of(certificates[0])
+    except Refused:
+        return None
+    try:
+        identity = subject_string(read_certificate(memoryview(der))[0])
+    except (ValueError, IndexError):
+        identity = None
+    return Caller(identity, None, fingerprint_of(der))
+
+
+AUDIT_TEXT_BYTES = 1024  # of each text a client sent (a command, a directory, a job id) that an audit entry keeps
 
 
 class Audit:
-    """One JSON line per start, stop and remove, appended to the audit file (readable by root alone; kept across
-    restarts) and the server's log."""
+    """One JSON line per start, stop and remove that succeeds, and per call of any RPC that is refused, as far as
+    RefusalLimit lets each caller's refusals be written; appended to the audit file (mode 0600, kept across
+    restarts) and the server's log. Whatever a client sent is kept to its first AUDIT_TEXT_BYTES (a command with
+    its length and SHA-256 too), so that one call's entry stays small whatever the call."""
 
-    def __init__(self, path):
-        self._file = open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "a",
-                          buffering=1)
+    def __init__(self, data_dir):
+        try:
+            fd = open_file(data_dir.fd, "audit.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            os.fchmod(fd, 0o600)  # one left readable (by hand, say) is readable no more
+        except OSError as e:
+            raise SystemExit(f"jobworker: cannot open the audit log in {data_dir.path}: {e.strerror}") from None
+        self._file = open(fd, "a", buffering=1)
+        self._limit = RefusalLimit()
         self._lock = threading.Lock()
 
     def record(self, method, caller, request, result, job_id=None, error=None):
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": method.lower(),
                  "who": caller.identity if caller else None, "role": caller.role if caller else None,
-                 "result": result, "job_id": job_id or getattr(request, "job_id", None) or None}
+                 "fingerprint": caller.fingerprint if caller else None, "result": result,
+                 "job_id": _cut_text(job_id or getattr(request, "job_id", None) or None)}
         if method == "Start" and not isinstance(request, Malformed):
-            entry["command"] = list(request.command)[:64]
-            entry["env"] = sorted(request.env)[:64]  # the names only: values may be secrets
-            entry["working_directory"] = request.working_directory
+            entry.update(_command_summary(request.command))
+            entry["env"] = _cut_texts(sorted(request.env))  # the names only: values may be secrets
+            entry["working_directory"] = _cut_text(request.working_directory)
         if method == "Stop" and not isinstance(request, Malformed):
             entry["force"] = request.force
         if error:
-            entry["error"] = error
-        line = json.dumps(entry, sort_keys=True)
+            entry["error"] = _cut_text(error)
         with self._lock:
-            try:
-                self._file.write(line + "\n")
-            except (OSError, ValueError) as e:  # a full disk, or closed at shutdown: the server's log still has it
-                logging.error("cannot write the audit log: %s", e)
+            if result != "OK":
+                written, entry["unwritten_before"], forgotten = self._limit.take(
+                    (entry["fingerprint"], entry["who"]), time.monotonic())
+                for who in forgotten:
+                    self._write(self._summary(*who))
+                if not written:
+                    return
+            self._write(entry)
+
+    @staticmethod
+    def _summary(fingerprint, who, count):
+        """An entry for the refusals of a caller that were not written, once no later entry of its will say so."""
+        return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": "unwritten refusals",
+                "who": who, "fingerprint": fingerprint, "unwritten_before": count}
+
+    def _write(self, entry):
+        line = json.dumps(entry, sort_keys=True)
+        try:
+            self._file.write(line + "\n")
+        except (OSError, ValueError) as e:  # a full disk, or closed at shutdown: the server's log still has it
+            logging.error("cannot write the audit log: %s", e)
         logging.info("audit %s", line)
 
     def close(self):
-        self._file.close()
+        with self._lock:
+            for who in self._limit.counts():
+                self._write(self._summary(*who))
+            self._file.close()
+
+
+def _command_summary(command):
+    """A command for the audit log: its first AUDIT_TEXT_BYTES (as List cuts a command), and the length and SHA-256
+    of the whole of it as the kernel holds it (each argument in UTF-8, then a NUL: /proc/PID/cmdline)."""
+    digest, size = hashlib.sha256(), 0
+    for arg in command:
+        encoded = arg.encode() + b"\0"
+        digest.update(encoded)
+        size += len(encoded)
+    return {"command": _cut_texts(command), "command_bytes": size, "command_sha256": digest.hexdigest()}
+
+
+def _cut_texts(texts):
+    """Texts cut to AUDIT_TEXT_BYTES in all: whole ones while they fit, then part of one (never inside a
+    character)."""
+    room, kept = AUDIT_TEXT_BYTES, []
+    for text in texts:
+        encoded = text.encode()
+        if len(encoded) > room:
+            kept.append(encoded[:room].decode(errors="ignore"))
+            break
+        kept.append(text)
+        room -= len(encoded)
+    return kept
+
+
+def _cut_text(text):
+    return None if text is None else text.encode()[:AUDIT_TEXT_BYTES].decode(errors="ignore")
+
+
+class RefusalLimit:
+    """How many of each caller's refused calls the audit writes: a token bucket per certificate, which lets BURST be
+    written at once and RATE a second after that, so that no caller can fill the disk with its refusals, nor hide
+    another's among them. The refusals not written are counted, and the count goes in the caller's next entry that
+    is written. CALLERS are tracked at most (bounded memory): the least recently refused is forgotten first, its
+    count, if any, then written in a summary entry, as every count left at shutdown is."""
+
+    BURST, RATE, CALLERS = 20, 1.0, 1024
+
+    def __init__(self):
+        self._buckets = {}  # caller -> [tokens, when last counted, refusals not written], least recently refused first
+
+    def take(self, caller, now):
+        """A refusal of `caller`'s: (whether it is written, how many of its refusals before it were not, and the
+        [(caller..., count)] of the callers forgotten to make room, whose counts are not written yet)."""
+        forgotten = []
+        bucket = self._buckets.pop(caller, None)
+        if bucket is None:
+            bucket = [float(self.BURST), now, 0]
+            while len(self._buckets) >= self.CALLERS:
+                oldest = next(iter(self._buckets))
+                if self._buckets[oldest][2]:
+                    forgotten.append((*oldest, self._buckets[oldest][2]))
+                del self._buckets[oldest]
+        self._buckets[caller] = bucket  # now the most recently refused
+        tokens, bucket[1] = min(self.BURST, bucket[0] + (now - bucket[1]) * self.RATE), now
+        if tokens < 1:
+            bucket[0], bucket[2] = tokens, bucket[2] + 1
+            return False, 0, forgotten
+        unwritten, bucket[0], bucket[2] = bucket[2], tokens - 1, 0
+        return True, unwritten, forgotten
+
+    def counts(self):
+        """[(caller..., count)] of every caller with refusals not written yet; forgets them."""
+        counts = [(*caller, bucket[2]) for caller, bucket in self._buckets.items() if bucket[2]]
+        self._buckets.clear()
+        return counts
 
 
 class LongCallSlots:
@@ -727,11 +1032,10 @@ class JobManager:
 
     def __init__(self, data_dir, sandbox, policy, retention=None, max_output=DEFAULT_MAX_OUTPUT,
                  min_free=DEFAULT_MIN_FREE):
-        jobs_dir = os.path.join(data_dir, "jobs")
-        os.makedirs(jobs_dir, mode=0o700, exist_ok=True)
+        jobs_dir = data_dir.jobs  # a descriptor: see DataDirectory
         self.sandbox, self.policy = sandbox, policy
         self.retention = retention or Retention()
-        self.space = DiskSpace(jobs_dir, min_free)
+        self.space = DiskSpace(os.path.join(data_dir.path, "jobs"), min_free)
         self._jobs = {}   # id -> Job, in the order they started
         self._numbered = 0
         self._lock = threading.Lock()
@@ -794,7 +1098,7 @@ class JobManager:
     @staticmethod
     def _sync(job):
         if not job.ended.is_set():  # else its final record, synced, has replaced it: a short job costs no flush more
-            sync_record(job.log.directory)
+            sync_record(job.log)
 
     def _add(self, job):
         """Numbers a job, for List's pages, and takes it in (under the lock)."""
@@ -1004,7 +1308,10 @@ class Outcome:
         self.ended_at = time.time() if ended_at is None else ended_at
 
 
-RECORD, RECORD_VERSION = "record.json", 1  # a job's record in its directory, and the record's format
+RECORD, RECORD_VERSION = "record.json", 2  # a job's record in its directory, and the record's format
+# Format 1 named the owner by its CN alone, which cannot say which of the subjects with that CN it was: such a job is
+# loaded as nobody's (an empty owner), which only the roles that see every job see.
+CN_OWNED_RECORD_VERSION = 1
 
 
 class Job:
@@ -1036,12 +1343,14 @@ class Job:
     def restored(cls, record, log):
         """A job of an earlier server, from its record. One that ran when that server ended is LOST, then: its
         processes ended with it (each init ends its job when the server goes), after its last output."""
-        if record.get("version") != RECORD_VERSION:
-            raise ValueError(f"record format {record.get('version')!r} (this server reads {RECORD_VERSION})")
-        job = cls(record["job_id"], log, record["owner"], record["command"], record["env"],
+        if record.get("version") not in (CN_OWNED_RECORD_VERSION, RECORD_VERSION):
+            raise ValueError(f"record format {record.get('version')!r} (this server reads {CN_OWNED_RECORD_VERSION} "
+                             f"and {RECORD_VERSION})")
+        owner = record["owner"] if record["version"] == RECORD_VERSION else ""
+        job = cls(record["job_id"], log, owner, record["command"], record["env"],
                   record["working_directory"], record["pid"], record["isolation"], record["started_at"])
         if record["state"] == "RUNNING":
-            job.outcome = Outcome("LOST", None, 0, {}, max(os.stat(log.paths[0]).st_mtime, job.started_at))
+            job.outcome = Outcome("LOST", None, 0, {}, max(log.modified_at, job.started_at))
         else:
             job.outcome = Outcome(record["state"], record["exit_code"], record["signal"], record["usage"],
                                   record["ended_at"])
@@ -1098,7 +1407,7 @@ class Job:
     def save(self, synced=True):
         """Writes the job's record, as its status says it (see write_record)."""
         outcome = self.outcome
-        write_record(self.log.directory, synced=synced, record={
+        write_record(self.log, synced=synced, record={
             "version": RECORD_VERSION, "job_id": self.id, "owner": self.owner, "command": self.command,
             "env": self.env, "working_directory": self.working_directory, "pid": self.pid,
             "isolation": self.isolation, "started_at": self.started_at, "state": self.state,
@@ -1124,58 +1433,64 @@ class Job:
         return status
 
 
-def write_record(directory, record, synced=True):
-    """Replaces a job's record with a new file renamed over it, so that a server killed at any moment leaves one
-    record or the other, whole. `synced`: the new file reaches the disk before the rename and the directory after it,
-    so that a power loss does too; otherwise sync_record() follows (a Start's record: two flushes would double the
-    Start's time)."""
-    temporary = os.path.join(directory, RECORD + ".new")
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+def write_record(log, record, synced=True):
+    """Replaces a job's record, in the directory of its output `log`, with a new file renamed over it, so that a
+    server killed at any moment leaves one record or the other, whole. `synced`: the new file reaches the disk before
+    the rename and the directory after it, so that a power loss does too; otherwise sync_record() follows (a Start's
+    record: two flushes would double the Start's time)."""
+    temporary = RECORD + ".new"
+    with log.directory() as directory:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=directory)  # what a killed server left: made anew, never written through
         try:
-            _write_all(fd, json.dumps(record).encode())
-            if synced:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temporary, os.path.join(directory, RECORD))
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    if synced:
-        _fsync(directory)
+            fd = open_file(directory, temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                _write_all(fd, json.dumps(record).encode())
+                if synced:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, RECORD, src_dir_fd=directory, dst_dir_fd=directory)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=directory)
+            raise
+        if synced:
+            os.fsync(directory)
 
 
-def sync_record(directory):
+def sync_record(log):
     """Flushes a record written unsynced, and its directory, to the disk (unless its job has been removed since)."""
     try:
-        _fsync(os.path.join(directory, RECORD))
-        _fsync(directory)
+        with log.directory() as directory:
+            fd = open_file(directory, RECORD, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.fsync(directory)
     except FileNotFoundError:
         pass
     except OSError as e:
-        logging.error("cannot sync the record in %s: %s", directory, e)
+        logging.error("cannot sync the record of job %s: %s", log.name, e)
 
 
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def read_record(jobs_dir, job_id):
+    """A job's record, from its directory in `jobs_dir` (a descriptor)."""
+    with opened_directory(jobs_dir, job_id) as directory, open(open_file(directory, RECORD, os.O_RDONLY), "rb") as f:
+        return json.loads(f.read())
 
 
 def load_jobs(jobs_dir):
-    """The jobs earlier servers left in `jobs_dir`, from their records (those LOST written again as such). A
-    directory without a record was an unused init's (or a failed Start's), and is removed; a record that cannot be
-    read is logged, and its directory left alone."""
+    """The jobs earlier servers left in `jobs_dir` (a descriptor), from their records (those LOST written again as
+    such). A directory without a record was an unused init's (or a failed Start's), and is removed; a record that
+    cannot be read, or a symbolic link where a directory or a file should be, is logged, and left alone."""
     jobs, rewritten = [], 0
     for entry in os.scandir(jobs_dir):
         try:
-            record = json.loads(_read_bytes(os.path.join(entry.path, RECORD)))
+            record = read_record(jobs_dir, entry.name)
         except FileNotFoundError:
-            shutil.rmtree(entry.path, ignore_errors=True)
+            shutil.rmtree(entry.name, dir_fd=jobs_dir, ignore_errors=True)
             continue
         except (OSError, ValueError) as e:
             logging.error("job %s: cannot read its record, skipped: %s", entry.name, e)
@@ -1183,7 +1498,7 @@ def load_jobs(jobs_dir):
         try:
             if not isinstance(record, dict) or record.get("job_id") != entry.name:
                 raise ValueError("it is not the record of the job its directory is named for")
-            job = Job.restored(record, OutputLog(entry.path, existing=True))
+            job = Job.restored(record, OutputLog(jobs_dir, entry.name, existing=True))
             if record["state"] == "RUNNING":
                 job.save(synced=False)  # all flushed at once, below
                 rewritten += 1
@@ -1193,11 +1508,7 @@ def load_jobs(jobs_dir):
         jobs.append(job)
     lost = sum(job.state == "LOST" for job in jobs)
     if rewritten:
-        fd = os.open(jobs_dir, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            libc("syncfs", fd)  # one flush for every LOST record written
-        finally:
-            os.close(fd)
+        libc("syncfs", jobs_dir)  # one flush for every LOST record written
     if jobs:
         logging.info("%d jobs of earlier servers loaded (%d lost)", len(jobs), lost)
     return jobs
@@ -1882,7 +2193,7 @@ class InitHandle:
         self._final_usage = {}
         with contextlib.ExitStack() as undo:
             undo.callback(self.discard)
-            self.log = OutputLog(os.path.join(jobs_dir, self.id))
+            self.log = OutputLog(jobs_dir, self.id)
             self.group = sandbox.cgroups.create(self.id) if sandbox.cgroups else None
             self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             with theirs:
@@ -2509,41 +2820,61 @@ class OutputLog:
     RUN = struct.Struct("<QB")  # the offset where a run begins, and its source (STDOUT or STDERR)
     WINDOW = 8 << 20
 
-    def __init__(self, directory, existing=False):
-        """A new log, in a new directory; or, `existing`, one an earlier server left there, to read."""
-        self.directory = directory
-        self.paths = (os.path.join(directory, "output"), os.path.join(directory, "runs"))
+    OUTPUT_FILE, RUNS_FILE = "output", "runs"
+
+    def __init__(self, jobs_dir, name, existing=False):
+        """A new log, in a new directory `name` of `jobs_dir` (a descriptor); or, `existing`, one an earlier server left
+        there, to read."""
+        self.jobs_dir, self.name = jobs_dir, name
         self._output = self._runs = self._source = None
         self._written_back = self._uncached = 0  # where the window handed to the disk last ends; what left memory
         self.size = self.runs = self.dropped = 0
+        self.modified_at = None  # when an existing log was last written
         self.dropping = False  # the disk refused some of the output: the rest is dropped
         self.closed = self.removed = False
         self.cond = threading.Condition()
         if existing:
-            self.size = os.stat(self.paths[0]).st_size
-            self.runs = self._runs_within(self.size)
+            output, runs = self.open_files()
+            with output, runs:
+                found = os.fstat(output.fileno())
+                self.size, self.modified_at = found.st_size, found.st_mtime
+                self.runs = self._runs_within(runs.fileno(), self.size)
             self.closed = True
             return
-        os.mkdir(directory, 0o700)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        os.mkdir(name, 0o700, dir_fd=jobs_dir)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
-            self._output = os.open(self.paths[0], flags, 0o600)
-            try:
-                self._runs = os.open(self.paths[1], flags, 0o600)
-            except OSError:
-                os.close(self._output)
-                raise
+            with self.directory() as directory:
+                self._output = open_file(directory, self.OUTPUT_FILE, flags)
+                try:
+                    self._runs = open_file(directory, self.RUNS_FILE, flags)
+                except OSError:
+                    os.close(self._output)
+                    raise
         except OSError:
-            shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(name, dir_fd=jobs_dir, ignore_errors=True)
             raise
 
-    def _runs_within(self, size):
+    def directory(self):
+        """The log's directory (the job's), opened for a with block: a descriptor."""
+        return opened_directory(self.jobs_dir, self.name)
+
+    def open_files(self):
+        """The log's output and runs files, opened to read (unbuffered)."""
+        with self.directory() as directory:
+            output = open(open_file(directory, self.OUTPUT_FILE, os.O_RDONLY), "rb", buffering=0)
+            try:
+                return output, open(open_file(directory, self.RUNS_FILE, os.O_RDONLY), "rb", buffering=0)
+            except BaseException:
+                output.close()
+                raise
+
+    def _runs_within(self, runs, size):
         """The runs of an existing log that begin within its output: a server that ended while it wrote (a crash)
         may have begun a run it wrote nothing of."""
-        with open(self.paths[1], "rb") as runs:
-            count = os.fstat(runs.fileno()).st_size // self.RUN.size
-            while count and RunIndex(runs.fileno(), count)[count - 1][0] >= size:
-                count -= 1
+        count = os.fstat(runs).st_size // self.RUN.size
+        while count and RunIndex(runs, count)[count - 1][0] >= size:
+            count -= 1
         if size and not count:
             raise ValueError("its output has no runs")
         return count
@@ -2602,7 +2933,7 @@ class OutputLog:
         with self.cond:
             self.removed = True
             self.cond.notify_all()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        shutil.rmtree(self.name, dir_fd=self.jobs_dir, ignore_errors=True)  # which follows no symbolic link (on Linux)
 
 
 def drop_from_memory(fd, start, end):
@@ -2632,7 +2963,7 @@ class LogReader:
         output_log = self._log
         with contextlib.ExitStack() as files:
             try:
-                output, runs_file = (files.enter_context(open(path, "rb", buffering=0)) for path in output_log.paths)
+                output, runs_file = (files.enter_context(file) for file in output_log.open_files())
             except FileNotFoundError:
                 if output_log.removed:  # before the reader began
                     return
@@ -2807,7 +3138,7 @@ def _cells(status, now):
     if status.output_dropped_bytes:  # past the server's --max-output, or on a full disk
         output += f" (+{format_size(status.output_dropped_bytes)} dropped)"
     command = _printable(shlex.join(status.command)) + (" …" if status.command_truncated else "")  # List cut it
-    return (status.job_id, pb.JobState.Name(status.state), result, _printable(status.owner),
+    return (_printable(status.job_id), pb.JobState.Name(status.state), result, _printable(status.owner) or "-",
             time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)), format_duration(max(0.0, ended - started)),
             output, command)
 
@@ -2858,7 +3189,7 @@ def main(argv=None):
     try:
         return serve(args) if args.action == "serve" else run_client(args)
     except grpc.RpcError as e:
-        print(f"{e.code().name}: {e.details()}", file=sys.stderr)
+        print(f"{e.code().name}: {_printable(e.details() or '')}", file=sys.stderr)  # the server's text
         return 1
     except BrokenPipeError:
         return 141  # our reader went away, as with any Unix tool writing to a closed pipe
@@ -2870,7 +3201,8 @@ def serve(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     _raise_fd_limit()
     check_tls_files(args.cert, args.key, args.ca)
-    _check_address_and_data_dir(args.addr, args.data_dir)
+    _check_address(args.addr)
+    data_dir = DataDirectory(args.data_dir)  # opened again if the server runs again in a scope (its descriptors close)
     into_a_delegated_scope(args.isolation, args.cgroup)  # on a systemd host, may run the server again in a scope
     try:
         policy = LimitPolicy(dict(args.defaults), dict(args.maxima))
@@ -2883,7 +3215,7 @@ def serve(args):
     # Python handler would run only when the main thread next runs bytecode, and it may be waiting on a lock.
     signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
     try:
-        server = Server(args.addr, args.cert, args.key, args.ca, args.data_dir, sandbox, policy,
+        server = Server(args.addr, args.cert, args.key, args.ca, data_dir, sandbox, policy,
                         retention=Retention(args.keep_jobs, args.keep_for), max_output=args.max_output,
                         min_free=args.min_free)
     except BaseException:
@@ -2921,17 +3253,10 @@ def notify_systemd(state):
         logging.error("cannot tell systemd %s: %s", state, e)
 
 
-def _check_address_and_data_dir(addr, data_dir):
+def _check_address(addr):
     host, _, port = addr.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise SystemExit(f"jobworker: {addr!r} is not HOST:PORT with a port from 0 to 65535")
-    try:
-        os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        probe = os.path.join(data_dir, ".writable")
-        _write(probe, "")
-        os.unlink(probe)
-    except OSError as e:
-        raise SystemExit(f"jobworker: the data directory {data_dir} is not writable: {e.strerror}") from None
 
 
 def run_client(args):
@@ -2946,7 +3271,7 @@ def run_client(args):
 
 
 def cli_start(client, args):
-    print(_start(client, args))
+    print(_printable(_start(client, args)))
     return 0
 
 
@@ -3021,7 +3346,8 @@ class StopOnInterrupt:
             self.client.stop(self.job_id, force=force)
         except grpc.RpcError as e:  # the stream goes on; another Ctrl-C tries again
             if e.code() != grpc.StatusCode.CANCELLED:
-                os.write(2, f"jobworker: cannot stop the job: {e.code().name}: {e.details()}\n".encode())
+                os.write(2, f"jobworker: cannot stop the job: {e.code().name}: {_printable(e.details() or '')}\n"
+                         .encode())
 
 
 def cli_status(client, args):
@@ -3242,7 +3568,8 @@ def build_parser():
                          help="the newest N jobs (default 50; 0: all)")
     states = [name for name in pb.JobState.keys() if name != "JOB_STATE_UNSPECIFIED"]
     listing.add_argument("--state", type=str.upper, choices=states, help="only jobs in this state")
-    listing.add_argument("--owner", metavar="NAME", help="only this owner's jobs (the CN of its certificate)")
+    listing.add_argument("--owner", metavar="SUBJECT", help="only this owner's jobs: the whole subject of its "
+                         "certificate, as list shows it (O=jobworker,OU=user,CN=alice)")
 
     remove = _client_command(commands, "remove", cli_remove, "remove an ended job and its output")
     remove.add_argument("job_id", metavar="JOB_ID", help="the job")

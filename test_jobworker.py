@@ -25,12 +25,14 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -82,16 +84,19 @@ class PKI:
             "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", self._path(name, "pem"))
         return self._path(name, "pem")
 
-    def leaf(self, name, subject, ca="ca", usage="clientAuth", start=None, end=None, mask="utf8only"):
+    def leaf(self, name, subject, ca="ca", usage="clientAuth", start=None, end=None, mask="utf8only", is_ca=False):
         """A certificate for `subject` (openssl -subj form) signed by `ca`, valid from `start` to `end` (an hour ago to
         30 days on), its strings encoded as `mask` allows (utf8only; pkix: PrintableString where it can; MASK:0x800:
-        BMPString; MASK:0x4: T61String); returns (cert, key)."""
+        BMPString; MASK:0x4: T61String), a CA's if `is_ca` (CA:TRUE, and it may sign certificates); returns
+        (cert, key)."""
         key, csr, config, ext = self._key(name), *(self._path(name, ext) for ext in ("csr", "cnf", "ext"))
         with open(config, "w") as f:
             f.write(f"[req]\ndistinguished_name = dn\nstring_mask = {mask}\n[dn]\n")
         run("openssl", "req", "-new", "-key", key, "-subj", subject, "-config", config, "-utf8", "-out", csr)
         with open(ext, "w") as f:
-            f.write(f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n")
+            f.write("basicConstraints=critical,CA:TRUE\nkeyUsage=critical,digitalSignature,keyCertSign\n" if is_ca
+                    else "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n")
+            f.write(f"extendedKeyUsage={usage}\n")
             if usage == "serverAuth":
                 f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
         now = time.time()
@@ -123,6 +128,11 @@ def pki(tmp_path_factory):
         "observer": pki.leaf("observer", "/O=jobworker/OU=observer/CN=olivia"),
     }
     return pki
+
+
+# Each role's subject, as the server names the owner of a job (the certificate's whole subject).
+SUBJECT = {"admin": "O=jobworker,OU=admin,CN=ada", "user": "O=jobworker,OU=user,CN=alice",
+           "user2": "O=jobworker,OU=user,CN=bob", "observer": "O=jobworker,OU=observer,CN=olivia"}
 
 
 def tls_context(pki, who="admin", version=None):
@@ -527,7 +537,7 @@ def test_happy_path_start_stream_query_list(admin):
     assert (ran.out, ran.err) == (b"out\n", b"err\n")
     assert ran.status.state == pb.EXITED and ran.status.exit_code == 3 and ran.status.signal == 0
     queried = admin.query(job_id)
-    assert queried.job_id == job_id and queried.owner == "ada"
+    assert queried.job_id == job_id and queried.owner == SUBJECT["admin"]
     assert list(queried.command) == ["sh", "-c", "echo out; echo err >&2; exit 3"]
     assert queried.output_bytes == 8 and queried.pid > 0
     assert queried.ended_at.ToNanoseconds() >= queried.started_at.ToNanoseconds() > 0
@@ -752,11 +762,106 @@ def test_audit_log_records_every_start_and_stop(server, admin):
         entries = [json.loads(line) for line in f]
     start = next(e for e in entries if e["action"] == "start" and e["job_id"] == job_id)
     stop = next(e for e in entries if e["action"] == "stop" and e["job_id"] == job_id)
-    assert start["who"] == "ada" and start["role"] == "admin" and start["result"] == "OK"
+    assert start["who"] == SUBJECT["admin"] and start["role"] == "admin" and start["result"] == "OK"
     assert start["command"] == ["sleep", "600"] and start["time"]
     assert stop["result"] == "OK" and stop["force"] is True
-    denied = [e for e in entries if e["who"] == "olivia" and e["action"] == "start"]
+    denied = [e for e in entries if e["who"] == SUBJECT["observer"] and e["action"] == "start"]
     assert denied and denied[-1]["result"] == "PERMISSION_DENIED"
+
+
+def fingerprint(cert):
+    """The SHA-256 fingerprint of a certificate file (of its DER), as the audit log names a caller's."""
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pathlib.Path(cert).read_text())).hexdigest()
+
+
+def test_every_refused_call_is_audited_with_the_callers_subject_and_fingerprint(server, pki):
+    """Query, Stream, Wait and List refused (a job not found, a bad page size; a certificate without a role, refused
+    before it is identified): each is an audit entry naming the caller's subject and its certificate's fingerprint."""
+    callers = {"user": pki.leaf("refused-user", "/O=jobworker/OU=user/CN=refused"),
+               "roleless": pki.leaf("refused-roleless", "/O=jobworker/CN=roleless")}
+    subjects = {"user": "O=jobworker,OU=user,CN=refused", "roleless": "O=jobworker,CN=roleless"}
+    missing = str(uuid.uuid4())
+    refusals = {}  # (caller, action) -> (code, message)
+    for name, credentials in callers.items():
+        channel, stub = open_channel(server, credentials)
+        with channel:
+            calls = {"query": lambda: stub.Query(pb.QueryRequest(job_id=missing), timeout=10),
+                     "stream": lambda: next(stub.Stream(pb.StreamRequest(job_id=missing), timeout=10)),
+                     "wait": lambda: stub.Wait(pb.WaitRequest(job_id=missing), timeout=10),
+                     "list": lambda: stub.List(pb.ListRequest(page_size=1001), timeout=10)}
+            for action, call in calls.items():
+                refused = pytest.raises(grpc.RpcError, call).value
+                refusals[name, action] = refused.code().name, refused.details()
+    assert {key: code for key, (code, _) in refusals.items()} == {
+        **{("user", action): "NOT_FOUND" for action in ("query", "stream", "wait")}, ("user", "list"): "INVALID_ARGUMENT",
+        **{("roleless", action): "PERMISSION_DENIED" for action in ("query", "stream", "wait", "list")}}
+    entries = audit_entries(server)
+    for (name, action), (code, message) in refusals.items():
+        found = [e for e in entries if e["fingerprint"] == fingerprint(callers[name][0]) and e["action"] == action]
+        assert len(found) == 1, (name, action, found)
+        assert found[0] == dict(found[0], who=subjects[name], result=code, error=message,
+                                job_id=None if action == "list" else missing), found[0]
+
+
+def test_a_refused_start_of_a_huge_command_is_audited_in_an_entry_of_bounded_size(server, pki):
+    """An observer's Start of 4 MiB of control characters: its entry keeps the command's first KiB, and its length and
+    SHA-256 (of the arguments each ended by a NUL, as /proc/PID/cmdline holds them), in a few KiB."""
+    cert, key = pki.leaf("huge-observer", "/O=jobworker/OU=observer/CN=huge")
+    observer = server.client((cert, key))
+    command = ["printf", bytes(range(1, 32)).decode() * (4 * MiB // 31 - 64)]
+    audit = os.path.join(server.data_dir, "audit.log")
+    before = os.path.getsize(audit)
+    assert status_of(lambda: observer.start(command)).code == Code.PERMISSION_DENIED
+    grown = os.path.getsize(audit) - before
+    (entry,) = [e for e in audit_entries(server) if e["fingerprint"] == fingerprint(cert)]
+    whole = b"".join(arg.encode() + b"\0" for arg in command)
+    assert entry["command"] == ["printf", command[1][:1024 - len("printf")]]
+    assert entry["command_bytes"] == len(whole) > 4_000_000 and entry["command_sha256"] == sha256(whole)
+    assert grown <= 8 * 1024, f"{grown} bytes of audit log for one refused Start"
+
+
+def test_a_burst_of_refusals_is_audited_up_to_its_bucket_and_the_rest_counted(server, pki):
+    """One caller's refusals in a burst: the first BURST are written, then RATE a second at most, the rest counted; the
+    caller's next entry written says how many were not; another caller's refusal during the burst is written."""
+    burst, rate = jobworker.RefusalLimit.BURST, jobworker.RefusalLimit.RATE
+    certificates = {name: pki.leaf(f"burst-{name}", f"/O=jobworker/OU=user/CN={name}") for name in ("noisy", "other")}
+    clients = {name: server.client(credentials) for name, credentials in certificates.items()}
+    calls = collections.Counter()
+
+    def refused(name):
+        calls[name] += 1
+        return status_of(lambda: clients[name].query(str(uuid.uuid4()))).code == Code.NOT_FOUND
+
+    def audited(name):
+        return [e for e in audit_entries(server) if e["fingerprint"] == fingerprint(certificates[name][0])]
+
+    began = time.monotonic()
+    assert all(refused("noisy") for _ in range(2 * burst))
+    assert refused("other")
+    assert all(refused("noisy") for _ in range(burst))
+    elapsed = time.monotonic() - began
+    written = audited("noisy")
+    assert burst <= len(written) <= burst + elapsed * rate, (len(written), elapsed)
+    assert [e["unwritten_before"] for e in written[:burst]] == [0] * burst
+    assert [e["result"] for e in audited("other")] == ["NOT_FOUND"]
+    assert wait_until(lambda: refused("noisy") and len(audited("noisy")) > len(written), timeout=30), \
+        "no refusal written once the bucket had a token again"
+    written = audited("noisy")
+    assert written[-1]["unwritten_before"] > 0
+    assert len(written) + sum(e["unwritten_before"] for e in written) == calls["noisy"]
+
+
+def test_refusal_limit_forgets_the_least_recently_refused_caller_first_with_its_count():
+    limit = jobworker.RefusalLimit()
+    limit.CALLERS = 2
+    taken = [limit.take(("a", "A"), 0.0) for _ in range(limit.BURST + 3)]
+    assert [written for written, _, _ in taken] == [True] * limit.BURST + [False] * 3
+    assert limit.take(("b", "B"), 0.0) == (True, 0, [])
+    assert limit.take(("a", "A"), 1.0 / limit.RATE) == (True, 3, [])  # a token again: its count, in its entry
+    assert limit.take(("a", "A"), 1.0 / limit.RATE)[0] is False
+    assert limit.take(("c", "C"), 1.0 / limit.RATE) == (True, 0, [])  # b forgotten: it had nothing unwritten
+    assert limit.take(("d", "D"), 1.0 / limit.RATE) == (True, 0, [("a", "A", 1)])
+    assert limit.counts() == [] and limit.take(("a", "A"), 2.0)[:2] == (True, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -889,8 +994,148 @@ def test_a_record_that_cannot_be_read_is_logged_and_skipped(pki, tmp_path):
         assert f"job {job_id}: cannot read its record, skipped" in log, log[-3000:]
         assert status_of(lambda: admin.query(job_id)).code == Code.NOT_FOUND
         assert os.path.isdir(job_dir(first, job_id)), "a record that could not be read was deleted"
-    assert "record format 99 (this server reads 1)" in log and "Traceback" not in log
+    assert "record format 99 (this server reads 1 and 2)" in log and "Traceback" not in log
     assert read_stream(admin.stub, ids[4]).out == b"4\n"
+
+
+def test_a_job_recorded_with_its_owners_cn_alone_is_nobodys_after_the_upgrade(pki, tmp_path):
+    """A record of format 1 named the owner by its CN alone, which cannot say which of the subjects with that CN it
+    was: the job is loaded as nobody's, which the roles that see every job see (with an empty owner, `-` in a table)
+    and a user with that CN does not."""
+    first = Server(pki, str(tmp_path / "first"))
+    job_id = run_job(first.client("user"), ["echo", "old"]).status.job_id
+    assert first.stop() == 0
+    record = read_record(first, job_id)
+    assert record["version"] == 2 and record["owner"] == SUBJECT["user"]
+    write_record(first, job_id, dict(record, version=1, owner="alice"))  # as a server of format 1 wrote it
+
+    second = Server(pki, str(tmp_path / "second"), data_dir=first.data_dir)
+    user = second.client("user")
+    assert status_of(lambda: user.query(job_id)).code == Code.NOT_FOUND and user.list() == []
+    for role in ("admin", "observer"):
+        assert second.client(role).query(job_id).owner == ""
+    header, row = second.cli("query", job_id).stdout.decode().splitlines()
+    assert columns(row, header)[3] == "-"
+    admin = second.client("admin")
+    assert admin.list(owner="alice") == [] and admin.list(owner=SUBJECT["user"]) == []
+    assert admin.remove(job_id).job_id == job_id
+
+
+def test_symbolic_links_in_a_jobs_directory_are_never_followed_at_restart_or_removal(pki, tmp_path):
+    """Job directories in which the record, the record's temporary file or the output is a symbolic link to a file
+    outside the data directory, or which are one: at a restart nothing outside is read, truncated or removed (the job
+    is logged and skipped, or its record made anew beside the link), nor when a job holding such links is removed."""
+    first = Server(pki, str(tmp_path / "first"))
+    names = ("record", "temporary", "output", "directory", "holding links")
+    ids = {name: run_job(first.client(), ["echo", name]).status.job_id for name in names}
+    assert first.stop() == 0
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    directory = {name: pathlib.Path(job_dir(first, job_id)) for name, job_id in ids.items()}
+
+    def link(path, content):
+        """Replaces `path` by a link to a file outside with `content`."""
+        target = outside / f"{path.parent.name}-{path.name}"
+        target.write_bytes(content)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        path.symlink_to(target)
+
+    link(directory["record"] / "record.json", (directory["record"] / "record.json").read_bytes())
+    write_record(first, ids["temporary"], dict(read_record(first, ids["temporary"]), state="RUNNING"))  # made LOST
+    link(directory["temporary"] / "record.json.new", b"precious\n")
+    link(directory["output"] / "output", b"secret\n")
+    shutil.copytree(directory["directory"], outside / "directory")
+    shutil.rmtree(directory["directory"])
+    directory["directory"].symlink_to(outside / "directory")
+    link(directory["holding links"] / "a-link", b"precious too\n")
+    (directory["holding links"] / "a-directory-link").symlink_to(outside / "directory")
+    contents = lambda: {str(path): path.read_bytes() for path in outside.rglob("*") if path.is_file()}
+    before = contents()
+
+    second = Server(pki, str(tmp_path / "second"), data_dir=first.data_dir)
+    admin = second.client()
+    for name in ("record", "output", "directory"):
+        said = [line for line in second.read_log().splitlines() if f"job {ids[name]}: " in line]
+        assert len(said) == 1 and "cannot read its record, skipped" in said[0] and \
+            "is a symbolic link, which is not followed" in said[0], (name, said)
+        assert status_of(lambda: admin.query(ids[name])).code == Code.NOT_FOUND, name
+    assert admin.query(ids["temporary"]).state == pb.LOST
+    assert read_stream(admin.stub, ids["holding links"]).out == b"holding links\n"
+    for name in ("temporary", "holding links"):
+        admin.remove(ids[name])
+        assert not directory[name].exists()
+    assert contents() == before, "a file outside the data directory was changed or removed through a link"
+
+
+@needs_root
+def test_a_data_directory_that_is_not_the_servers_alone_is_refused_at_start(pki, tmp_path):
+    """A data directory, or a jobs directory in it, owned by another user, writable by group or others, or a symbolic
+    link, and an audit log that is a symbolic link: the server refuses to start, in one line saying which and why, and
+    touches nothing it would have reached through them."""
+    outside = tmp_path / "outside"
+    (outside / "a-directory").mkdir(parents=True)
+    (outside / "a-directory" / "a-file").write_text("precious\n")
+    (outside / "a-file").write_text("precious\n")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    alone = "the data directory and its jobs directory must be the server's user's alone"
+
+    def data_dir(name, jobs=False):
+        """A data directory of the server's user alone (with a jobs directory, if asked), to spoil."""
+        path = tmp_path / name
+        path.mkdir(mode=0o700)
+        if jobs:
+            (path / "jobs").mkdir(mode=0o700)
+        return path
+
+    cases = []
+    spoilt = data_dir("owned by nobody")
+    os.chown(spoilt, nobody, nobody)
+    cases.append((spoilt, f"{spoilt} is owned by uid {nobody}, not by this server's (uid 0); {alone}"))
+    spoilt = data_dir("writable by anyone")
+    os.chmod(spoilt, 0o777)
+    cases.append((spoilt, f"{spoilt} is writable by group or others (mode 0777); {alone}"))
+    spoilt = tmp_path / "a link"
+    spoilt.symlink_to(data_dir("linked to"))
+    cases.append((spoilt, f"{spoilt} is a symbolic link; {alone}"))
+    spoilt = data_dir("jobs owned by nobody", jobs=True)
+    os.chown(spoilt / "jobs", nobody, nobody)
+    cases.append((spoilt, f"{spoilt / 'jobs'} is owned by uid {nobody}, not by this server's (uid 0); {alone}"))
+    spoilt = data_dir("jobs writable by its group", jobs=True)
+    os.chmod(spoilt / "jobs", 0o770)
+    cases.append((spoilt, f"{spoilt / 'jobs'} is writable by group or others (mode 0770); {alone}"))
+    spoilt = data_dir("jobs a link")
+    (spoilt / "jobs").symlink_to(outside)  # whose directories a server would remove as unused inits' ones
+    cases.append((spoilt, f"{spoilt / 'jobs'} is a symbolic link; {alone}"))
+    spoilt = data_dir("audit log a link", jobs=True)
+    (spoilt / "audit.log").symlink_to(outside / "a-file")
+    cases.append((spoilt, f"cannot open the audit log in {spoilt}: audit.log is a symbolic link, which is not "
+                          "followed"))
+    cert, key = pki.server
+    for path, message in cases:
+        serving = subprocess.Popen([sys.executable, JOBWORKER, "serve", "--addr", "127.0.0.1:0", "--cert", cert,
+                                    "--key", key, "--ca", pki.ca_cert, "--data-dir", str(path)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        listening = serving.stdout.readline()  # empty once it has exited
+        if listening:
+            serving.terminate()
+        _, err = serving.communicate(timeout=60)
+        assert not listening and serving.returncode == 1, (path, listening)
+        assert err.decode().splitlines()[-1] == f"jobworker: {message}" and b"Traceback" not in err, err
+    assert (outside / "a-file").read_text() == (outside / "a-directory" / "a-file").read_text() == "precious\n"
+
+
+def test_the_data_directory_is_made_0700_and_the_audit_log_kept_0600(pki, tmp_path):
+    fresh = Server(pki, str(tmp_path / "fresh"))
+    mode = lambda path: stat.S_IMODE(os.stat(path).st_mode)
+    assert mode(fresh.data_dir) == mode(os.path.join(fresh.data_dir, "jobs")) == 0o700
+    assert mode(os.path.join(fresh.data_dir, "audit.log")) == 0o600
+    older = tmp_path / "older"
+    older.mkdir(mode=0o700)
+    (older / "audit.log").write_text("")
+    os.chmod(older / "audit.log", 0o644)  # as one made by hand, or copied, may be
+    Server(pki, str(tmp_path / "server"), data_dir=str(older))
+    assert mode(older / "audit.log") == 0o600
 
 
 def test_retention_keeps_the_newest_ended_jobs_and_never_a_running_one(pki, tmp_path, gate):
@@ -955,9 +1200,10 @@ def test_remove_for_each_role_and_a_running_job_refused(server):
         assert status_of(lambda: clients[role].remove(running)).code == Code.FAILED_PRECONDITION
     clients["user"].stop(running, force=True)
     entries = [e for e in audit_entries(server) if e["action"] == "remove"]
-    assert {(e["who"], e["result"]) for e in entries} >= {("ada", "OK"), ("alice", "OK"), ("bob", "NOT_FOUND"),
-                                                          ("olivia", "PERMISSION_DENIED")}
-    assert entries[-1] == dict(entries[-1], who="alice", job_id=running, result="FAILED_PRECONDITION")
+    assert {(e["who"], e["result"]) for e in entries} >= {
+        (SUBJECT["admin"], "OK"), (SUBJECT["user"], "OK"), (SUBJECT["user2"], "NOT_FOUND"),
+        (SUBJECT["observer"], "PERMISSION_DENIED")}
+    assert entries[-1] == dict(entries[-1], who=SUBJECT["user"], job_id=running, result="FAILED_PRECONDITION")
     assert server.cli("remove", running).returncode == 0
     assert status_of(lambda: clients["admin"].query(running)).code == Code.NOT_FOUND
     refused = server.cli("remove", running)
@@ -1057,8 +1303,9 @@ def test_list_pages_filters_and_cuts_huge_commands(pki, tmp_path):
             break
     assert [len(page) for page in pages] == [7] * 6 + [4] and sum(pages, []) == newest_first
     assert [s.job_id for s in admin.list(state=pb.RUNNING)] == [running]
-    assert [s.job_id for s in observer.list(owner="alice")] == newest_first[:6]
-    assert [s.job_id for s in user.list()] == newest_first[:6] and user.list(owner="ada") == []
+    assert [s.job_id for s in observer.list(owner=SUBJECT["user"])] == newest_first[:6]
+    assert observer.list(owner="alice") == [], "an owner is its whole subject, not its CN"
+    assert [s.job_id for s in user.list()] == newest_first[:6] and user.list(owner=SUBJECT["admin"]) == []
     assert len(admin.list(state=pb.EXITED)) == 45 and len(admin.list(limit=3)) == 3
     for bad in (pb.ListRequest(page_size=1001), pb.ListRequest(page_token="x"), pb.ListRequest(page_token="-1"),
                 pb.ListRequest(state=99)):
@@ -1113,15 +1360,72 @@ def test_role_matrix(server):
     refusal = pytest.raises(grpc.RpcError, clients["observer"].start, ["true"]).value
     assert refusal.code() == DENIED and refusal.details() == "observers cannot start jobs"
     owners = {role: {status.owner for status in clients[role].list()} for role in clients}
-    assert owners["user"] == {"alice"} and owners["user2"] == set()
-    assert {"ada", "alice"} <= owners["admin"] and owners["observer"] == owners["admin"]
+    assert owners["user"] == {SUBJECT["user"]} and owners["user2"] == set()
+    assert {SUBJECT["admin"], SUBJECT["user"]} <= owners["admin"] and owners["observer"] == owners["admin"]
+
+
+def test_a_certificate_with_anothers_cn_cannot_see_or_touch_their_jobs(server, pki):
+    """A job's owner is the whole subject of the certificate that started it: a user certificate with the admin's CN
+    (CN=ada, OU=user), or with a user's CN in another organisation, gets for that one's jobs, running or ended, the
+    answer it gets for a job that does not exist; and lists none of them."""
+    owners = {"admin": server.client("admin"), "user": server.client("user")}
+    impostors = {"admin": server.client(pki.leaf("same-cn-as-admin", "/O=jobworker/OU=user/CN=ada")),
+                 "user": server.client(pki.leaf("same-cn-elsewhere", "/O=elsewhere/OU=user/CN=alice"))}
+    for victim, impostor in impostors.items():
+        owner = owners[victim]
+        running, ended = owner.start(["sleep", "600"]), owner.start(["true"])
+        owner.wait(ended)
+        stub = impostor.stub
+        calls = {"Query": lambda job_id: stub.Query(pb.QueryRequest(job_id=job_id), timeout=10),
+                 "Stream": lambda job_id: next(stub.Stream(pb.StreamRequest(job_id=job_id), timeout=10)),
+                 "Wait": lambda job_id: stub.Wait(pb.WaitRequest(job_id=job_id), timeout=10),
+                 "Stop": lambda job_id: stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=10),
+                 "Remove": lambda job_id: stub.Remove(pb.RemoveRequest(job_id=job_id), timeout=10)}
+        for method, call in calls.items():
+            nobodys = str(uuid.uuid4())
+            absent = pytest.raises(grpc.RpcError, call, nobodys).value
+            for job_id in (running, ended):
+                refused = pytest.raises(grpc.RpcError, call, job_id).value
+                assert (refused.code(), refused.details().replace(job_id, "ID")) == \
+                    (absent.code(), absent.details().replace(nobodys, "ID")) == (Code.NOT_FOUND, "no job ID"), \
+                    (victim, method, refused.code(), refused.details())
+        assert {running, ended}.isdisjoint(status.job_id for status in impostor.list())
+        assert impostor.list(owner=SUBJECT[victim]) == []
+        assert owner.query(running).state == pb.RUNNING and owner.query(ended).state == pb.EXITED
+        owner.stop(running, force=True)
+    own = impostors["admin"].start(["true"])
+    assert owners["admin"].query(own).owner == "O=jobworker,OU=user,CN=ada"  # told apart from the admin's
+
+
+def test_a_cas_certificate_or_a_blank_cn_is_no_callers_identity(server, pki):
+    """A certificate our CA signed with CA:TRUE (which could sign others), or whose CN is blank, is refused on every
+    call, saying why; basicConstraints is read strictly from the DER: a cA TRUE not encoded as DER's 0xFF is refused
+    as unreadable, not taken for either answer."""
+    ca_leaf = pki.leaf("ca-as-client", "/O=jobworker/OU=admin/CN=root", is_ca=True)
+    cases = {"the client certificate is a CA's (basicConstraints CA:TRUE), which is no caller's identity": ca_leaf,
+             "the client certificate's CN is blank": pki.leaf("blank-cn", "/O=jobworker/OU=admin/CN=  ")}
+    for message, credentials in cases.items():
+        channel, stub = open_channel(server, credentials)
+        with channel:
+            for call in (lambda: stub.Start(pb.StartRequest(command=["true"]), timeout=10),
+                         lambda: stub.List(pb.ListRequest(), timeout=10)):
+                refused = pytest.raises(grpc.RpcError, call).value
+                assert (refused.code(), refused.details()) == (Code.UNAUTHENTICATED, message)
+    der = ssl.PEM_cert_to_DER_cert(pathlib.Path(ca_leaf[0]).read_text())
+    assert jobworker.read_certificate(memoryview(der))[1] is True
+    leaf_der = ssl.PEM_cert_to_DER_cert(pathlib.Path(pki.roles["admin"][0]).read_text())
+    assert jobworker.read_certificate(memoryview(leaf_der))[1] is False
+    basic_constraints = bytes.fromhex("0603551d130101ff040530030101ff")  # critical, cA TRUE
+    assert der.count(basic_constraints) == 1
+    with pytest.raises(ValueError, match="basicConstraints"):
+        jobworker.read_certificate(memoryview(der.replace(basic_constraints, basic_constraints[:-1] + b"\x01")))
 
 
 def test_subject_parser_refuses_malformed_der():
     truncated = bytes.fromhex("3082")
     for der in (truncated, b"", b"\x30\x80", b"\x30\x84\x00\x00\x00\x01\x00", b"\x30\x81\x05abcde"):
         with pytest.raises((ValueError, IndexError)):
-            jobworker.subject_attributes(memoryview(der))
+            jobworker.read_certificate(memoryview(der))
 
 
 class LoopbackProxy:
@@ -1506,11 +1810,12 @@ def test_cli_list_and_query_print_aligned_columns_local_times_durations_and_size
     rows = {line.split()[0]: columns(line, header) for line in lines}
     assert len(rows) == len(lines) == len(admin.list()), "a job's line broke, or is missing"
     expected = {
-        ended: ["EXITED", "exit 0", owner, "2.0 KiB", "head -c 2048 /dev/zero"],
-        killed: ["EXITED", f"signal {signal.SIGRTMIN + 1} (SIGRTMIN+1)", "ada", "0 B",
+        ended: ["EXITED", "exit 0", f"O=jobworker,OU=user,CN={owner}", "2.0 KiB", "head -c 2048 /dev/zero"],
+        killed: ["EXITED", f"signal {signal.SIGRTMIN + 1} (SIGRTMIN+1)", SUBJECT["admin"], "0 B",
                  f"sh -c 'kill -s {signal.SIGRTMIN + 1} $$'"],
-        odd: ["EXITED", "exit 0", "ada", "22 B", "printf %s 'line one\\nline two' '\\x1b[31m'"],
-        running: ["RUNNING", f"pid {statuses[running].pid}", "ada", "6 B", "python3 -c 'import socket\\ngate = "],
+        odd: ["EXITED", "exit 0", SUBJECT["admin"], "22 B", "printf %s 'line one\\nline two' '\\x1b[31m'"],
+        running: ["RUNNING", f"pid {statuses[running].pid}", SUBJECT["admin"], "6 B",
+                  "python3 -c 'import socket\\ngate = "],
     }
     for job_id, (state, result, who, size, command) in expected.items():
         started = time.gmtime(statuses[job_id].started_at.seconds + 5 * 3600 + 30 * 60)
@@ -1522,6 +1827,73 @@ def test_cli_list_and_query_print_aligned_columns_local_times_durations_and_size
     query_header, row = queried.stdout.decode().splitlines()
     assert columns(row, query_header) == rows[ended]
     gate.open()
+
+
+def test_cli_shows_an_owners_whole_subject_with_the_control_characters_of_its_cn_escaped(server, admin, pki):
+    """A CN holding an escape sequence (clear the screen) and a newline: list and query show the owner's whole subject
+    on the job's one line, those characters escaped; --json gives it exactly."""
+    eve = server.client(pki.leaf("escaping-cn", "/O=jobworker/OU=user/CN=eve\x1b[2J\nOU=admin"))
+    job_id = eve.start(["true"])
+    eve.wait(job_id)
+    subject = "O=jobworker,OU=user,CN=eve\x1b[2J\nOU\\=admin"
+    assert admin.query(job_id).owner == subject
+    for argv in (("query", job_id), ("list", "--limit", "0")):
+        shown = server.cli(*argv)
+        assert shown.returncode == 0 and b"\x1b" not in shown.stdout, argv
+        header, *lines = shown.stdout.decode().splitlines()
+        (row,) = [line for line in lines if line.startswith(job_id)]
+        assert columns(row, header)[3] == "O=jobworker,OU=user,CN=eve\\x1b[2J\\nOU\\=admin", row
+    assert json.loads(server.cli("query", "--json", job_id).stdout)["owner"] == subject
+
+
+class ControlCharacters(jobworker.pb_grpc.JobWorkerServicer):
+    """A stand-in for a server, over the same mutual TLS, whose every answer holds control characters (escape
+    sequences that clear the screen and set the terminal's title, a CSI of C1, a newline, a carriage return)."""
+
+    TEXT = "\x1b[2J\x1b]0;owned\x07\x9b31m\nsecond line\r"
+
+    def status(self):
+        return pb.JobStatus(job_id=self.TEXT, owner=self.TEXT, command=[self.TEXT], state=pb.EXITED, exit_code=0)
+
+    def Start(self, request, context):
+        return pb.StartResponse(job_id=self.TEXT)
+
+    def Query(self, request, context):
+        return self.status()
+
+    def List(self, request, context):
+        return pb.ListResponse(jobs=[self.status()])
+
+    def Stop(self, request, context):
+        context.abort(Code.NOT_FOUND, self.TEXT)
+
+    def Remove(self, request, context):
+        context.abort(Code.FAILED_PRECONDITION, self.TEXT)
+
+
+def test_cli_escapes_the_control_characters_of_whatever_a_server_sends(pki):
+    """What start, run --detach, query and list print, and the error lines of stop and remove, hold no control
+    character but the newlines that end their lines, whatever the server sends (here, a stand-in that sends them)."""
+    cert, key = pki.server
+    stand_in = grpc.server(ThreadPoolExecutor(4))
+    jobworker.pb_grpc.add_JobWorkerServicer_to_server(ControlCharacters(), stand_in)
+    port = stand_in.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(pathlib.Path(key).read_bytes(), pathlib.Path(cert).read_bytes())],
+        root_certificates=pathlib.Path(pki.ca_cert).read_bytes(), require_client_auth=True))
+    stand_in.start()
+    try:
+        job_id, (cert, key) = str(uuid.uuid4()), pki.roles["admin"]
+        cases = {("start", "--", "true"): (1, 0), ("run", "--detach", "--", "true"): (1, 0), ("query", job_id): (2, 0),
+                 ("list",): (2, 0), ("stop", job_id): (0, 1), ("remove", job_id): (0, 1)}
+        for (action, *rest), lines in cases.items():
+            shown = subprocess.run([sys.executable, JOBWORKER, action, "--addr", f"127.0.0.1:{port}", "--cert", cert,
+                                    "--key", key, "--ca", pki.ca_cert, *rest], capture_output=True, timeout=60)
+            out, err = shown.stdout.decode(), shown.stderr.decode()
+            assert (len(out.splitlines()), len(err.splitlines())) == lines, (action, out, err)
+            assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", out + err), (action, out, err)
+            assert "\\x1b[2J\\x1b]0;owned\\x07\\x9b31m\\nsecond line\\r" in out + err, (action, out, err)
+    finally:
+        stand_in.stop(None)
 
 
 def test_cli_connection_flags_come_from_the_environment(server):
@@ -1636,7 +2008,8 @@ def test_a_log_reader_from_any_offset_yields_every_run_apart_and_every_byte_once
     """An OutputLog fed from real pipes, stdout and stderr in turn (a run of one may come in several pieces, and a
     piece in several splices), then closed: a LogReader from every offset (0, inside a run, at a boundary, at the
     end) yields the bytes from there, in chunks of at most `chunk` that never cross from one run into the next."""
-    log = jobworker.OutputLog(os.path.join(tempfile.mkdtemp(dir=tmp_path), "log"))
+    jobs_dir = os.open(tempfile.mkdtemp(dir=tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    log = jobworker.OutputLog(jobs_dir, "log")
     pipes = {source: os.pipe() for source in (jobworker.STDOUT, jobworker.STDERR)}
     try:
         for source, data in pieces:
@@ -1663,6 +2036,7 @@ def test_a_log_reader_from_any_offset_yields_every_run_apart_and_every_byte_once
         got = list(jobworker.LogReader(log, start, chunk))
         assert got == expected, f"from offset {start}"
         assert b"".join(data for _, _, data in got) == written[start:]
+    os.close(jobs_dir)
 
 
 def test_limit_policy_applies_defaults_only_where_none_was_asked_for_and_the_controller_is_there():
@@ -3332,7 +3706,7 @@ def test_reliability_hostile_start_requests(hostile, command, limits):
     allowed = start_outcome(hostile, request)
     code, response = status_of(lambda: hostile.stub.Start(request, timeout=60))
     if code == OK:
-        assert list(response.status.command) == command and response.status.owner == "ada"
+        assert list(response.status.command) == command and response.status.owner == SUBJECT["admin"]
         hostile.stub.Stop(pb.StopRequest(job_id=response.job_id, force=True), timeout=60)
     assert code in allowed, (code, allowed, [a[:40] for a in command[:5]], len(command), limits)
     hostile.still_serves()
@@ -3562,21 +3936,23 @@ def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc
         return connect
 
     rows = [  # (who calls, how it connects, the outcome of each RPC, the identity its jobs get)
-        ("admin", tls(pki.roles["admin"], "UTF8STRING"), everything, "ada"),
-        ("user", tls(pki.roles["user"], "UTF8STRING"), everything, "alice"),
+        ("admin", tls(pki.roles["admin"], "UTF8STRING"), everything, SUBJECT["admin"]),
+        ("user", tls(pki.roles["user"], "UTF8STRING"), everything, SUBJECT["user"]),
         ("observer", tls(pki.roles["observer"], "UTF8STRING"), observes, None),
         ("admin, PrintableString subject", tls(leaf("printable", "/O=jobworker/OU=admin/CN=pat", mask="pkix"),
-                                                "PRINTABLESTRING"), everything, "pat"),
+                                                "PRINTABLESTRING"), everything, "O=jobworker,OU=admin,CN=pat"),
         ("user, BMPString subject, non-ASCII CN", tls(leaf("bmp", "/O=jobworker/OU=user/CN=Zoë", mask="MASK:0x800"),
-                                                       "BMPSTRING"), everything, "Zoë"),
+                                                       "BMPSTRING"), everything, "O=jobworker,OU=user,CN=Zoë"),
         ("observer, UTF8String CN beyond the BMP", tls(leaf("astral", "/O=jobworker/OU=observer/CN=Zoë 😀"),
                                                         "UTF8STRING"), observes, None),
-        ("user, OU and CN in one multi-valued RDN", tls(leaf("multi", "/O=jobworker/OU=user+CN=mv")), everything, "mv"),
+        ("user, OU and CN in one multi-valued RDN", tls(leaf("multi", "/O=jobworker/OU=user+CN=mv")), everything,
+         "O=jobworker,CN=mv+OU=user"),
         ("observer, a CN holding ',OU=admin'", tls(leaf("comma", "/O=jobworker/OU=observer/CN=eve\\,OU=admin")),
          observes, None),
         ("observer, a CN holding '+OU=admin'", tls(leaf("plus", "/O=jobworker/OU=observer/CN=eve\\+OU=admin")),
          observes, None),
-        ("user, an O holding 'OU=admin'", tls(leaf("org", "/O=OU=admin/OU=user/CN=o")), everything, "o"),
+        ("user, an O holding 'OU=admin'", tls(leaf("org", "/O=OU=admin/OU=user/CN=o")), everything,
+         "O=OU\\=admin,OU=user,CN=o"),
         ("T61String subject (not decodable: refused)", tls(leaf("t61", "/O=jobworker/OU=admin/CN=tex", mask="MASK:0x4"),
                                                             "T61STRING"), every(UNAUTHENTICATED), None),
         ("no role", tls(leaf("norole", "/O=jobworker/CN=nora")), every(DENIED), None),
@@ -3585,6 +3961,11 @@ def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc
         ("unknown role", tls(leaf("unknown", "/O=jobworker/OU=superuser/CN=sue")), every(DENIED), None),
         ("a role in capitals", tls(leaf("caps", "/O=jobworker/OU=ADMIN/CN=cap")), every(DENIED), None),
         ("no CN", tls(leaf("nocn", "/O=jobworker/OU=admin")), every(UNAUTHENTICATED), None),
+        ("a blank CN", tls(leaf("blank", "/O=jobworker/OU=admin/CN= ")), every(UNAUTHENTICATED), None),
+        ("a CN of whitespace", tls(leaf("whitespace", "/O=jobworker/OU=admin/CN=\t\u3000")), every(UNAUTHENTICATED),
+         None),
+        ("a CA's certificate (CA:TRUE) with an admin OU", tls(leaf("ca", "/O=jobworker/OU=admin/CN=ca", is_ca=True)),
+         every(UNAUTHENTICATED), None),
         ("signed by another CA", tls(other.leaf("matrix-stranger", "/O=jobworker/OU=admin/CN=mallory")),
          every(HANDSHAKE), None),
         ("expired", tls(leaf("expired", "/O=jobworker/OU=admin/CN=old", start=now - 86400 * 10, end=now - 86400)),
@@ -3598,7 +3979,7 @@ def test_reliability_identity_matrix_every_kind_of_certificate_against_every_rpc
         ("plaintext", lambda: (grpc.insecure_channel(server.addr), None), every(HANDSHAKE), None),
         ("admin over TLS 1.2", through_tls_proxy(ssl.TLSVersion.TLSv1_2, "TLSv1.2"), every(UNAUTHENTICATED), None),
         ("admin over TLS 1.3, through the same proxy", through_tls_proxy(ssl.TLSVersion.TLSv1_3, "TLSv1.3"),
-         everything, "ada"),
+         everything, SUBJECT["admin"]),
     ]
     admin = server.client("admin")
     target = admin.start(["sh", "-c", "echo running; exec sleep 600"])  # another's job, for those that may not start
