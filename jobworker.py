@@ -2399,6 +2399,8 @@ class Init:
                     libc("mount", b"tmpfs", point.encode(), b"tmpfs", MS_REMOUNT | MS_NOSUID | MS_NODEV,
                          f"size={job['tmp_size']}".encode())
             if job["uid"] != os.geteuid():
+                for capability in range(int(_read("/proc/sys/kernel/cap_last_cap")) + 1):
+                    libc("prctl", PR_CAPBSET_DROP, capability, 0, 0, 0)  # no exec can give the job a capability
                 os.setresgid(job["gid"], job["gid"], job["gid"])  # for good: nothing of the job runs as root
                 os.setresuid(job["uid"], job["uid"], job["uid"])
                 libc("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)  # the job's user may not ptrace its init, whatever the host
@@ -2483,12 +2485,10 @@ class Init:
 
     def _give_up_privilege(self):
         """Nothing of the server's privilege but its ids reaches the job, and no exec gives the job more: no ambient
-        or inheritable capability and an empty bounding set, no supplementary group, no setuid bit or file capability
-        (no_new_privs), no user namespace (in which it would have every capability), no OOM protection."""
+        or inheritable capability, no supplementary group, no setuid bit or file capability (no_new_privs), no user
+        namespace (in which it would have every capability), no OOM protection. (The bounding set is emptied once the
+        job's user is known: a job run as root by --run-as root keeps root's capabilities.)"""
         libc("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-        if os.geteuid() == 0:
-            for capability in range(int(_read("/proc/sys/kernel/cap_last_cap")) + 1):
-                libc("prctl", PR_CAPBSET_DROP, capability, 0, 0, 0)
         header = ctypes.create_string_buffer(struct.pack("Ii", LINUX_CAPABILITY_VERSION_3, 0), 8)
         sets = ctypes.create_string_buffer(24)  # (effective, permitted, inheritable) for capabilities 0-31, 32-63
         libc("capget", header, sets)

@@ -2053,7 +2053,8 @@ def test_a_job_sees_only_its_own_cgroup_not_other_jobs_or_the_ready_inits(admin,
 def test_a_process_elsewhere_holding_a_jobs_output_pipe_cannot_keep_it_running_or_write_into_its_output(admin,
                                                                                                         gate):
     """A job is over when its command has ended and its processes are gone: a process outside the job that holds its
-    stdout (here the test, as root, by /proc) neither keeps it RUNNING nor gets what it writes into the output."""
+    stdout (here the test, as root, by /proc) neither keeps it RUNNING, nor holds up a Stop past its kill, nor gets
+    what it writes into the output."""
     label = marker()
     job_id = admin.start(py(f"# {label}\n" + gate.hold()))
     wait_for_output(admin.stub, job_id, b"ready\n")
@@ -2064,6 +2065,12 @@ def test_a_process_elsewhere_holding_a_jobs_output_pipe_cannot_keep_it_running_o
         with contextlib.suppress(BrokenPipeError):
             held.write(b"injected\n")
         assert read_stream(admin.stub, job_id).out == b"ready\n"
+    deaf = admin.start(["sh", "-c", f"trap '' TERM; echo ready; sleep {label}"])
+    wait_for_output(admin.stub, deaf, b"ready\n")
+    (pid,) = [pid for pid in processes_with(label) if proc_status(pid)["Name"] == "sh"]
+    with open(f"/proc/{pid}/fd/1", "wb", buffering=0):
+        stopped = admin.stop(deaf, timeout=0.5)  # returns once the kill has ended it, the pipe still held
+        assert stopped.state == pb.STOPPED and stopped.signal == signal.SIGKILL
 
 
 @needs_root
@@ -2111,13 +2118,16 @@ def test_a_job_sees_only_its_own_processes_and_only_loopback(admin, server):
 
 
 @needs_root
-def test_a_mount_inside_a_job_does_not_reach_the_host(root_server, tmp_path):
-    target = str(tmp_path / "mnt")
-    os.mkdir(target)
-    ran = run_job(root_server.client(), ["sh", "-c", f"mount -t tmpfs tmp {target} && grep -c {target} /proc/mounts"])
-    assert ran.status.exit_code == 0 and ran.out == b"1\n", ran.err
-    with open("/proc/self/mountinfo") as f:
-        assert target not in f.read()
+def test_a_mount_inside_a_job_does_not_reach_the_host(root_server):
+    target = tempfile.mkdtemp(prefix="jobworker-mount-", dir=SHARED)  # not in /tmp, which the job has of its own
+    try:
+        ran = run_job(root_server.client(), ["sh", "-c", f"mount -t tmpfs tmp {target} && grep -c {target} "
+                                                          "/proc/mounts"])
+        assert ran.status.exit_code == 0 and ran.out == b"1\n", ran.err
+        with open("/proc/self/mountinfo") as f:
+            assert target not in f.read()
+    finally:
+        os.rmdir(target)
 
 
 @needs_root
@@ -2145,7 +2155,9 @@ def test_zombies_are_reaped_and_the_exit_status_is_the_commands_own(admin):
 def test_an_unprivileged_job_cannot_write_where_its_user_cannot(admin):
     target = f"/root/jobworker-test-{marker()}"
     ran = run_job(admin, ["sh", "-c", f"id -u; id -G; echo x > {target}"])
-    assert ran.out == b"65534\n65534\n" and ran.status.exit_code != 0 and b"Permission denied" in ran.err
+    uid, gids = ran.out.decode().split("\n")[:2]
+    assert int(uid) in range(jobworker.TRANSIENT_IDS[0], jobworker.TRANSIENT_IDS[1] + 1) and gids == uid
+    assert ran.status.exit_code != 0 and b"Permission denied" in ran.err
     assert not os.path.exists(target)
 
 
@@ -3357,7 +3369,10 @@ HOSTILE = settings(deadline=None, derandomize=True, database=None,
 
 
 def resolve_program(name):
-    """The file a job's exec would run for `name` (its PATH, its working directory /), or None."""
+    """The file a job's exec would run for `name` (its PATH, its working directory), or None. A transient user starts
+    in its own /tmp, empty, where no relative name is found; others in /."""
+    if ROOT and "/" in name and not name.startswith("/"):
+        return None
     candidates = [os.path.join("/", name)] if "/" in name else \
         [os.path.join(d, name) for d in jobworker.JOB_PATH.split(":")]
     for path in candidates:
@@ -3558,7 +3573,7 @@ def test_reliability_hostile_variables_and_working_directories(hostile, env, dir
         seen = dict(entry.split(b"=", 1) for entry in environ.split(b"\0") if entry)
         assert cwd.decode() == WORKING_DIRECTORIES[directory] and ran.status.exit_code == 0, ran
         assert {name.encode(): value.encode() for name, value in env.items()}.items() <= seen.items()
-        assert dict(ran.status.env) == env and ran.status.working_directory == (directory or "/")
+        assert dict(ran.status.env) == env and ran.status.working_directory == WORKING_DIRECTORIES[directory or ""]
     hostile.still_serves()
 
 
