@@ -3,8 +3,8 @@
 
 A client with a certificate starts a job, stops it (gracefully or by force), queries its status and streams its
 output, live and from the first byte, while other clients do the same. The service speaks gRPC over mutual TLS and
-decides what each caller may do from the role (OU) in its certificate. Each job runs in its own cgroup and PID, mount
-and network namespaces, under a small init of ours, as an unprivileged user.
+decides what each caller may do from the role (OU) in its certificate. Each job runs in its own cgroup and PID, mount,
+network, IPC and cgroup namespaces, under a small init of ours, as a transient user of its own.
 
     python jobworker.py serve                      # the service
     python jobworker.py run -- CMD [ARG...]        # the client: run, start, stop, query, stream, wait, list, remove
@@ -21,11 +21,11 @@ import ctypes
 import enum
 import errno
 import fcntl
+import grp
 import importlib
 import json
 import math
 import os
-import grp
 import pwd
 import select
 import signal
@@ -1332,7 +1332,6 @@ TRANSIENT_IDS = (0x70000000, 0x7000FFFF)
 DYNAMIC_USER_IDS = range(61184, 65520)  # systemd's DynamicUser=
 PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")  # each a fresh tmpfs of the job's own
 TMP_SIZE = "25%"  # of the host's memory, each, for a job with no memory limit (a limited job's are its limit)
-REMOUNTED = ("cgroup", "cgroup2", "mqueue")  # mounted again in a job's namespaces, so that they show only its own
 CONTROLLERS = ("cpu", "memory", "io", "pids")  # what the limits need
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")  # whose writes are memory: there is no disk to limit, the memory limit does
 SCOPE_ASKED = "JOBWORKER_SCOPE_ASKED"  # set once the server has asked systemd for a scope, so that it asks once
@@ -1417,15 +1416,14 @@ class Sandbox:
 
     def _mounts(self, problems):
         """What an init does in its job's mount namespace (see Init._private_mounts)."""
-        again = []
-        if "cgroup" in self.namespaces and "ipc" in self.namespaces:
-            controllers = {line.split()[0] for line in _read("/proc/cgroups").splitlines()[1:]}
-            for line in _read("/proc/self/mountinfo").splitlines():
-                fields = line.split()
-                point, (fstype, _, options) = fields[4], fields[fields.index("-") + 1:][:3]
-                if fstype in REMOUNTED:  # a cgroup v1 tree is mounted again by its controllers, or its name
-                    kept = [o for o in options.split(",") if o in controllers or o.startswith("name=")]
-                    again.append([point.replace("\\040", " "), fstype, ",".join(kept) * (fstype == "cgroup")])
+        again, remounted = [], {"cgroup": "cgroup", "cgroup2": "cgroup", "mqueue": "ipc"}
+        controllers = {line.split()[0] for line in _read("/proc/cgroups").splitlines()[1:]}
+        for line in _read("/proc/self/mountinfo").splitlines():
+            fields = line.split()
+            point, (fstype, _, options) = fields[4], fields[fields.index("-") + 1:][:3]
+            if remounted.get(fstype) in self.namespaces:  # a cgroup v1 tree is mounted by its controllers, or name
+                kept = [o for o in options.split(",") if o in controllers or o.startswith("name=")]
+                again.append([point.replace("\\040", " "), fstype, ",".join(kept) * (fstype == "cgroup")])
         protected = not any("mount_setattr" in problem for problem in problems)
         return {"read_only": bool(self.ids) and protected, "nosuid": protected, "again": again,
                 "tmp": [path for path in PRIVATE_TMP if os.path.isdir(path)]}
@@ -2355,9 +2353,9 @@ def reap_children():
 class Init:
     """The first process of every job: pid 1 of its PID namespace, between the server and the command.
 
-    Made ahead of its job, it joins the job's cgroup, enters the job's mount and network namespaces, mounts the job's
-    own /proc, brings loopback up, gives up what of the server's privilege a job could inherit, and says it is ready.
-    Given a job, it becomes the job's user for good, enters the job's working directory and starts the command. Then
+    Made ahead of its job, it joins the job's cgroup, enters the job's other namespaces, makes the job's mounts,
+    brings loopback up, gives up what of the server's privilege a job could inherit, and says it is ready. Given a
+    job, it becomes the job's user for good, enters the job's working directory and starts the command. Then
     it does what the kernel expects of an init and what the server needs of a job: it reaps every zombie and passes
     the server's signals on to every process of the job. Once the command exits it reports how, ends whatever the
     command left running, and exits; if the server goes away (its end of the channel closes), it ends the job first.
