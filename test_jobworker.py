@@ -1992,8 +1992,8 @@ def test_each_job_runs_as_a_transient_user_of_its_own_which_is_given_back_once_i
 @needs_root
 def test_the_host_file_system_is_read_only_to_a_transient_user_but_its_home_and_tmp_are_its_own(admin):
     """Nowhere on the host a job may write, not even a directory anyone may write in: every mount it has is
-    read-only and nosuid but its own /tmp, /var/tmp, /dev/shm (tmpfs, each as big as its memory limit) and /proc.
-    It starts in its home, the private /tmp."""
+    read-only and nosuid but its own /tmp, /var/tmp, /dev/shm (tmpfs, each as big as its memory limit, and what is
+    kept there is the job's memory) and /proc. It starts in its home, the private /tmp."""
     open_to_all = tempfile.mkdtemp(prefix="jobworker-open-", dir=SHARED)
     os.chmod(open_to_all, 0o777)
     try:
@@ -2003,6 +2003,7 @@ def test_the_host_file_system_is_read_only_to_a_transient_user_but_its_home_and_
                     "    try:\n        open(path, 'w').close()\n        result[path] = 'written'\n"
                     "    except OSError as e:\n        result[path] = e.strerror\n"
                     "tmp = os.statvfs('/tmp')\nresult['tmp size'] = tmp.f_blocks * tmp.f_frsize\n"
+                    "with open('/dev/shm/big', 'wb') as f:\n    f.write(bytes(32 << 20))\n"
                     "mounts = [line.split() for line in open('/proc/self/mountinfo')]\n"
                     "result['suid'] = [m[4] for m in mounts if 'nosuid' not in m[5].split(',')]\n"
                     "result['writable'] = sorted(m[4] for m in mounts if 'rw' in m[5].split(','))\n"
@@ -2013,6 +2014,7 @@ def test_the_host_file_system_is_read_only_to_a_transient_user_but_its_home_and_
         assert result == {"cwd": "/tmp", f"{open_to_all}/x": "Read-only file system", "/tmp/x": "written",
                           "x": "written", "/var/tmp/x": "written", "/dev/shm/x": "written", "tmp size": 64 * MiB,
                           "suid": [], "writable": ["/dev/shm", "/proc", "/tmp", "/var/tmp"]}, result
+        assert ran.status.usage.peak_memory_bytes >= 32 * MiB, "what a job keeps in /dev/shm is not its memory"
         assert os.listdir(open_to_all) == []
     finally:
         shutil.rmtree(open_to_all)
