@@ -3,8 +3,8 @@
 
 A client with a certificate starts a job, stops it (gracefully or by force), queries its status and streams its
 output, live and from the first byte, while other clients do the same. The service speaks gRPC over mutual TLS and
-decides what each caller may do from the role (OU) in its certificate. Each job runs in its own cgroup and PID, mount
-and network namespaces, under a small init of ours, as an unprivileged user.
+decides what each caller may do from the role (OU) in its certificate. Each job runs in its own cgroup and PID, mount,
+network, IPC and cgroup namespaces, under a small init of ours, as a transient user of its own.
 
     python jobworker.py serve                      # the service
     python jobworker.py run -- CMD [ARG...]        # the client: run, start, stop, query, stream, wait, list, remove
@@ -21,6 +21,7 @@ import ctypes
 import enum
 import errno
 import fcntl
+import grp
 import importlib
 import json
 import math
@@ -129,9 +130,12 @@ def parse_size(text):
 # ---------------------------------------------------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
-PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 4, 15, 38, 36
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = \
+    0x00020000, 0x02000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_REC, MS_PRIVATE = 0x1, 0x2, 0x4, 0x8, 0x20, 0x4000, 0x40000
+AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = -100, 0x8000, 0x1, 0x2
+PR_SET_DUMPABLE, PR_SET_NAME, PR_CAPBSET_DROP, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = \
+    4, 15, 24, 22, 38, 36
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -144,6 +148,72 @@ def libc(function, *args):
         code = ctypes.get_errno()
         raise OSError(code, f"{function}: {os.strerror(code)}")
     return result
+
+
+def syscall(name, *args):
+    """A system call libc has no wrapper for, by its number on this machine; raises OSError."""
+    result = _libc.syscall(SYSCALLS[os.uname().machine][name], *args)
+    if result == -1:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{name}: {os.strerror(code)}")
+    return result
+
+
+# Numbers of the system calls used by number: for syscall(), and for the filter that refuses user namespaces (the
+# native ones, and those of the 32-bit ABI the same kernel also runs, by their audit architecture).
+SYSCALLS = {
+    "x86_64": {"mount_setattr": 442, "keyctl": 250},
+    "aarch64": {"mount_setattr": 442, "keyctl": 219},
+}
+AUDIT_ARCHES = {  # machine -> [(audit architecture, (unshare, clone, clone3))]
+    "x86_64": [(0xC000003E, (272, 56, 435)), (0x40000003, (310, 120, 435))],
+    "aarch64": [(0xC00000B7, (97, 220, 435)), (0x40000028, (337, 120, 435))],
+}
+X32_SYSCALL_BIT = 0x40000000
+KEYCTL_JOIN_SESSION_KEYRING = 1
+SECCOMP_MODE_FILTER, SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 2, 0x80000000, 0x50000, 0x7FFF0000
+BPF_LD_ABS, BPF_JEQ, BPF_JGE, BPF_JSET, BPF_RET = 0x20, 0x15, 0x35, 0x45, 0x06
+
+
+def no_user_namespaces_filter(machine):
+    """A seccomp program by which unshare() and clone() asking for a new user namespace fail with EPERM. clone3(),
+    whose flags are in memory a filter cannot read, fails with ENOSYS, after which the C library falls back to clone().
+    A system call of an ABI the filter does not know kills the process, so that no other numbering slips past it."""
+    program = [(BPF_LD_ABS, 4, None, None)]  # seccomp_data.arch
+    for arch, _ in AUDIT_ARCHES[machine]:
+        program.append((BPF_JEQ, arch, f"arch {arch}", None))
+    program.append((BPF_RET, SECCOMP_RET_KILL_PROCESS, None, None))
+    for arch, (unshare, clone, clone3) in AUDIT_ARCHES[machine]:
+        program += [f"arch {arch}", (BPF_LD_ABS, 0, None, None)]  # seccomp_data.nr
+        if arch == 0xC000003E:
+            program.append((BPF_JGE, X32_SYSCALL_BIT, "ENOSYS", None))  # x32's numbers: not for jobs
+        program += [(BPF_JEQ, clone3, "ENOSYS", None), (BPF_JEQ, unshare, "flags", None),
+                    (BPF_JEQ, clone, "flags", None), (BPF_RET, SECCOMP_RET_ALLOW, None, None)]
+    program += ["flags", (BPF_LD_ABS, 16, None, None),  # the low half of seccomp_data.args[0]: the flags
+                (BPF_JSET, CLONE_NEWUSER, "EPERM", None), (BPF_RET, SECCOMP_RET_ALLOW, None, None),
+                "ENOSYS", (BPF_RET, SECCOMP_RET_ERRNO | errno.ENOSYS, None, None),
+                "EPERM", (BPF_RET, SECCOMP_RET_ERRNO | errno.EPERM, None, None)]
+    labels, instructions = {}, []
+    for item in program:
+        if isinstance(item, str):
+            labels[item] = len(instructions)
+        else:
+            instructions.append(item)
+    return b"".join(struct.pack("HBBI", code, labels[true] - i - 1 if true else 0, labels[false] - i - 1 if false
+                                else 0, k) for i, (code, k, true, false) in enumerate(instructions))
+
+
+def protect_mounts(attributes):
+    """Sets MOUNT_ATTR_* `attributes` on every mount of this mount namespace; each keeps the others it has."""
+    mount_attr = ctypes.create_string_buffer(struct.pack("QQQQ", attributes, 0, 0, 0), 32)
+    syscall("mount_setattr", AT_FDCWD, b"/", AT_RECURSIVE, mount_attr, 32)
+
+
+def install_seccomp_filter(program):
+    """Installs a seccomp program on this thread, and so on everything it runs from now on (no_new_privs is set)."""
+    filters = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("HP", len(program) // 8, ctypes.addressof(filters))  # struct sock_fprog
+    libc("prctl", PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.create_string_buffer(fprog, len(fprog)), 0, 0)
 
 
 def name_this_thread(name):
@@ -911,7 +981,7 @@ class Servicer:
         # neither competes with the Start for the CPU or the disk.
         context.add_callback(self.manager.pool.refill)
         job = self.manager.start(caller.identity, list(request.command), limits, dict(request.env),
-                                 request.working_directory or "/")
+                                 request.working_directory or self.manager.sandbox.working_directory)
         if not context.add_callback(lambda: self.manager.sync(job)):
             self.manager.sync(job)
         return pb.StartResponse(job_id=job.id, status=job.status())
@@ -1566,7 +1636,13 @@ def memory_total():
 # ---------------------------------------------------------------------------------------------------------------------
 
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # where a job's commands are looked for
-NAMESPACES = {"pid": CLONE_NEWPID, "mount": CLONE_NEWNS, "network": CLONE_NEWNET}
+NAMESPACES = {"pid": CLONE_NEWPID, "mount": CLONE_NEWNS, "network": CLONE_NEWNET, "ipc": CLONE_NEWIPC,
+              "cgroup": CLONE_NEWCGROUP}
+# Above the range systemd gives containers (524288-1879048191) and far from host accounts and DynamicUser's range.
+TRANSIENT_IDS = (0x70000000, 0x7000FFFF)
+DYNAMIC_USER_IDS = range(61184, 65520)  # systemd's DynamicUser=
+PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")  # each a fresh tmpfs of the job's own
+TMP_SIZE = "25%"  # of the host's memory, each, for a job with no memory limit (a limited job's are its limit)
 CONTROLLERS = ("cpu", "memory", "io", "pids")  # what the limits need
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")  # whose writes are memory: there is no disk to limit, the memory limit does
 SCOPE_ASKED = "JOBWORKER_SCOPE_ASKED"  # set once the server has asked systemd for a scope, so that it asks once
@@ -1588,18 +1664,10 @@ class Sandbox:
     this server cannot enforce is refused with the reason (`unavailable`).
     """
 
-    def __init__(self, mode="auto", run_as=None, cgroup="auto", io_device=None, data_dir="."):
+    def __init__(self, mode="auto", run_as=None, cgroup="auto", io_device=None, data_dir=".", uid_range=TRANSIENT_IDS):
         root = os.geteuid() == 0
-        try:
-            user = pwd.getpwnam(run_as) if run_as else pwd.getpwnam("nobody") if root else pwd.getpwuid(os.geteuid())
-        except KeyError:
-            raise SystemExit(f"jobworker: no user {run_as or 'nobody'} on this host (--run-as)") from None
-        if not root and user.pw_uid != os.geteuid():
-            raise SystemExit(f"jobworker: --run-as {run_as} needs the server to run as root")
-        self.user, self.uid, self.gid = user.pw_name, user.pw_uid, user.pw_gid
-        self.environment = {"PATH": JOB_PATH, "HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name,
-                            "SHELL": "/bin/sh", "LANG": "C.UTF-8"}
         self.mode, self.cgroups, self.namespaces = mode, None, []
+        self._choose_user(run_as, uid_range if root and mode != "off" and not run_as else None)
         self.unavailable = {}  # controller -> why its limits cannot be had on this server
         problems, fixes = [], []
         if mode == "off":
@@ -1615,6 +1683,11 @@ class Sandbox:
                     self.namespaces.append(name)
                 else:
                     problems.append(f"{name} namespaces are unavailable")
+            if os.uname().machine not in AUDIT_ARCHES:
+                problems.append(f"jobs cannot be kept from user namespaces on {os.uname().machine}")
+            if "mount" in self.namespaces and not _can_protect_mounts():
+                problems.append("the kernel cannot make a job's mounts read-only and nosuid (mount_setattr, Linux "
+                                "5.12)")
         line = "; ".join(problems) + (f" (to fix: {'; '.join(fixes)})" if fixes else "")
         if problems and mode == "on":
             if self.cgroups:
@@ -1623,9 +1696,48 @@ class Sandbox:
         if problems:
             logging.warning("isolation: %s", line)
         self.namespace_flags = sum(NAMESPACES[name] for name in self.namespaces)
+        self.mounts = self._mounts(problems) if "mount" in self.namespaces else None
+        self.no_user_namespaces = bool(self.namespaces) and os.uname().machine in AUDIT_ARCHES
         logging.info("isolation %s: cgroup %s (limits: %s), namespaces %s, jobs run as %s", mode,
                      self.cgroups.version if self.cgroups else "none", ", ".join(sorted(self.controllers)) or "none",
-                     ", ".join(self.namespaces) or "none", self.user)
+                     ", ".join(self.namespaces) or "none",
+                     f"transient users {self.ids.first}-{self.ids.last}" if self.ids else self.user)
+
+    def _choose_user(self, run_as, uid_range):
+        """Who jobs run as: each its own transient uid from `uid_range` (with the gid of the same number), or one
+        user for all, `run_as` (nobody for a server that is root with isolation off, else the server's own)."""
+        self.ids = TransientIds(*uid_range) if uid_range else None
+        if self.ids:
+            self.user = self.uid = self.gid = None
+            # A transient uid has no name, and no home but the private /tmp, where the job starts unless told.
+            self.environment = {"PATH": JOB_PATH, "HOME": "/tmp", "SHELL": "/bin/sh", "LANG": "C.UTF-8"}
+            self.working_directory = "/tmp"
+            return
+        root = os.geteuid() == 0
+        try:
+            user = pwd.getpwnam(run_as) if run_as else pwd.getpwnam("nobody") if root else pwd.getpwuid(os.geteuid())
+        except KeyError:
+            raise SystemExit(f"jobworker: no user {run_as or 'nobody'} on this host (--run-as)") from None
+        if not root and user.pw_uid != os.geteuid():
+            raise SystemExit(f"jobworker: --run-as {run_as} needs the server to run as root")
+        self.user, self.uid, self.gid = user.pw_name, user.pw_uid, user.pw_gid
+        self.environment = {"PATH": JOB_PATH, "HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name,
+                            "SHELL": "/bin/sh", "LANG": "C.UTF-8"}
+        self.working_directory = "/"
+
+    def _mounts(self, problems):
+        """What an init does in its job's mount namespace (see Init._private_mounts)."""
+        again, remounted = [], {"cgroup": "cgroup", "cgroup2": "cgroup", "mqueue": "ipc"}
+        controllers = {line.split()[0] for line in _read("/proc/cgroups").splitlines()[1:]}
+        for line in _read("/proc/self/mountinfo").splitlines():
+            fields = line.split()
+            point, (fstype, _, options) = fields[4], fields[fields.index("-") + 1:][:3]
+            if remounted.get(fstype) in self.namespaces:  # a cgroup v1 tree is mounted by its controllers, or name
+                kept = [o for o in options.split(",") if o in controllers or o.startswith("name=")]
+                again.append([point.replace("\\040", " "), fstype, ",".join(kept) * (fstype == "cgroup")])
+        protected = not any("mount_setattr" in problem for problem in problems)
+        return {"read_only": bool(self.ids) and protected, "nosuid": protected, "again": again,
+                "tmp": [path for path in PRIVATE_TMP if os.path.isdir(path)]}
 
     def _find_cgroups(self, choice, io_device, data_dir, problems, fixes):
         """Finds the cgroups jobs go in, and what of them is missing."""
@@ -1660,6 +1772,56 @@ class Sandbox:
     def controllers(self):
         """The limits this server can enforce, by controller."""
         return {controller for controller in CONTROLLERS if controller not in self.unavailable}
+
+
+class TransientIds:
+    """The uids jobs run as, each with the gid of the same number: one per running job, from a range no account of
+    the host uses. A job's is taken at its Start and given back once none of its processes is left; taken round the
+    range, so that an id given back is the last to be taken again."""
+
+    def __init__(self, first, last):
+        if not 0 < first <= last < 0xFFFFFFFF:
+            raise SystemExit(f"jobworker: --uid-range {first}-{last} is not a range of uids")
+        ids = range(first, last + 1)
+        users = [entry.pw_name for entry in pwd.getpwall() if entry.pw_uid in ids]
+        groups = [entry.gr_name for entry in grp.getgrall() if entry.gr_gid in ids]
+        if users or groups or 65534 in ids or 65535 in ids or (first < DYNAMIC_USER_IDS.stop and
+                                                              last >= DYNAMIC_USER_IDS.start):
+            taken = ", ".join(users + groups) or "nobody, or systemd's DynamicUser range 61184-65519"
+            raise SystemExit(f"jobworker: --uid-range {first}-{last} holds ids the host uses ({taken}): jobs must "
+                             "have ids of their own")
+        self.first, self.last = first, last
+        self._next = first
+        self._taken = set()
+        self._lock = threading.Lock()
+
+    def take(self):
+        with self._lock:
+            for _ in range(self.last - self.first + 1):
+                uid, self._next = self._next, self._next + 1 if self._next < self.last else self.first
+                if uid not in self._taken:
+                    self._taken.add(uid)
+                    return uid
+        raise Refused("RESOURCE_EXHAUSTED", "every uid of this server's --uid-range is a running job's")
+
+    def give_back(self, uid):
+        with self._lock:
+            self._taken.discard(uid)
+
+
+def _can_protect_mounts():
+    """Whether this kernel can make every mount of a job's namespace read-only and nosuid at once (mount_setattr):
+    tried in a throwaway child, in a mount namespace of its own."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            libc("unshare", CLONE_NEWNS)
+            libc("mount", b"none", b"/", None, MS_REC | MS_PRIVATE, None)
+            protect_mounts(MOUNT_ATTR_NOSUID)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    return os.waitpid(pid, 0)[1] == 0
 
 
 def _can_unshare(flag):
@@ -2158,15 +2320,16 @@ class Launcher:
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env={"LANG": "C.UTF-8"},  # none of our secrets
                 start_new_session=True)  # a Ctrl-C or hang-up meant for the server must not reach the jobs
 
-    def order(self, channel, namespaces, cgroup_procs):
-        """Has the launcher fork an init that will talk to us on `channel`."""
+    def order(self, channel, sandbox, cgroup_procs):
+        """Has the launcher fork an init that will talk to us on `channel`, confined as `sandbox` says."""
         with self._lock:
             if self._process.poll() is not None:
                 logging.error("the job launcher exited (status %s); starting another", self._process.returncode)
                 self._socket.close()
                 self._run()
             try:
-                send(self._socket, Message.ORDER, [channel], namespaces=namespaces, cgroup_procs=cgroup_procs)
+                send(self._socket, Message.ORDER, [channel], namespaces=sandbox.namespace_flags,
+                     cgroup_procs=cgroup_procs, mounts=sandbox.mounts, no_user_namespaces=sandbox.no_user_namespaces)
             except OSError as e:
                 raise Refused("UNAVAILABLE", f"the job launcher is not running: {e}") from None
 
@@ -2186,8 +2349,9 @@ class InitHandle:
     def __init__(self, sandbox, jobs_dir, launcher):
         self.sandbox = sandbox
         self.id = str(uuid.uuid4())
-        self.log = self.group = self.channel = self.pidfd = self.command_pid = None
+        self.log = self.group = self.channel = self.pidfd = self.command_pid = self.uid = None
         self.applied = {}
+        self._holds_uid = False  # a transient uid, given back once no process of the job can have it
         self._lock = threading.Lock()  # what is said to the init or done to its cgroup must not race release()
         self._released = False
         self._final_usage = {}
@@ -2197,8 +2361,7 @@ class InitHandle:
             self.group = sandbox.cgroups.create(self.id) if sandbox.cgroups else None
             self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             with theirs:
-                launcher.order(theirs.fileno(), sandbox.namespace_flags,
-                               sandbox.cgroups.procs_files(self.group) if self.group else [])
+                launcher.order(theirs.fileno(), sandbox, sandbox.cgroups.procs_files(self.group) if self.group else [])
             undo.pop_all()
 
     def wait_ready(self):
@@ -2223,8 +2386,11 @@ class InitHandle:
         """Gives the init its job, and returns once the command runs: the read ends of its stdout and stderr."""
         sandbox = self.sandbox
         self.applied = sandbox.cgroups.apply(self.group, limits) if self.group else {}
-        job = {"command": command, "env": environment, "cwd": working_directory, "uid": sandbox.uid,
-               "gid": sandbox.gid}
+        if sandbox.ids:
+            self.uid, self._holds_uid = sandbox.ids.take(), True
+        job = {"command": command, "env": environment, "cwd": working_directory,
+               "uid": self.uid if sandbox.ids else sandbox.uid, "gid": self.uid if sandbox.ids else sandbox.gid,
+               "tmp_size": self.applied.get("memory_bytes", 0)}
         readers, theirs = [], []  # the init gets its own copies of theirs
         try:
             for _ in range(2):
@@ -2343,7 +2509,7 @@ class InitHandle:
         finally:
             self.channel.close()
             os.close(self.pidfd)
-            self._remove_group()
+            self._let_go()
 
     def discard(self):
         """Ends an init that will run no job (its Start failed, or the server is closing) and removes what it had."""
@@ -2355,22 +2521,29 @@ class InitHandle:
             os.close(self.pidfd)
         if self.channel is not None:
             self.channel.close()  # an init not yet ready exits when it finds its channel closed
-        self._remove_group()
+        self._let_go()
         if self.log:
             self.log.remove()
 
-    def _remove_group(self):
+    def _let_go(self):
+        """Removes the job's cgroup, then gives its uid back: a group that cannot be removed may still hold a process
+        of the job, which keeps its uid."""
         if self.group:
             try:
                 self.sandbox.cgroups.remove(self.group)
             except OSError as e:
-                logging.error("cannot remove the cgroup of job %s: %s", self.id, e)
+                logging.error("cannot remove the cgroup of job %s, whose uid is kept from other jobs: %s", self.id, e)
+                return
+        if self._holds_uid:
+            self.sandbox.ids.give_back(self.uid)
+            self._holds_uid = False
 
     def isolation(self):
         """What confines the job, as the fields of a status's Isolation (limits: those of Limits)."""
         sandbox = self.sandbox
         return {"mode": sandbox.mode, "cgroup": sandbox.cgroups.version if self.group else "",
-                "namespaces": list(sandbox.namespaces), "limits": dict(self.applied), "user": sandbox.user}
+                "namespaces": list(sandbox.namespaces), "limits": dict(self.applied),
+                "user": f"uid {self.uid} (transient)" if sandbox.ids else sandbox.user}
 
 
 def _plausible(report):
@@ -2491,9 +2664,9 @@ def reap_children():
 class Init:
     """The first process of every job: pid 1 of its PID namespace, between the server and the command.
 
-    Made ahead of its job, it joins the job's cgroup, enters the job's mount and network namespaces, mounts the job's
-    own /proc, brings loopback up, gives up what of the server's privilege a job could inherit, and says it is ready.
-    Given a job, it becomes the job's user for good, enters the job's working directory and starts the command. Then
+    Made ahead of its job, it joins the job's cgroup, enters the job's other namespaces, makes the job's mounts,
+    brings loopback up, gives up what of the server's privilege a job could inherit, and says it is ready. Given a
+    job, it becomes the job's user for good, enters the job's working directory and starts the command. Then
     it does what the kernel expects of an init and what the server needs of a job: it reaps every zombie and passes
     the server's signals on to every process of the job. Once the command exits it reports how, ends whatever the
     command left running, and exits; if the server goes away (its end of the channel closes), it ends the job first.
@@ -2530,10 +2703,18 @@ class Init:
         with self._stage("user"):
             job = json.loads(os.pread(spec, os.fstat(spec).st_size, 0))
             os.close(spec)
+            if job["tmp_size"] and self.order["mounts"]:  # a limited job's /tmp holds as much as its memory limit
+                for point in self.order["mounts"]["tmp"]:
+                    libc("mount", b"tmpfs", point.encode(), b"tmpfs", MS_REMOUNT | MS_NOSUID | MS_NODEV,
+                         f"size={job['tmp_size']}".encode())
             if job["uid"] != os.geteuid():
+                for capability in range(int(_read("/proc/sys/kernel/cap_last_cap")) + 1):
+                    libc("prctl", PR_CAPBSET_DROP, capability, 0, 0, 0)  # no exec can give the job a capability
                 os.setresgid(job["gid"], job["gid"], job["gid"])  # for good: nothing of the job runs as root
                 os.setresuid(job["uid"], job["uid"], job["uid"])
                 libc("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)  # the job's user may not ptrace its init, whatever the host
+            with contextlib.suppress(OSError):  # a session keyring of its own, not the server's (ENOSYS: no keys)
+                syscall("keyctl", KEYCTL_JOIN_SESSION_KEYRING, None)
         with self._stage("workdir"):
             os.chdir(job["cwd"])  # as the job's user, in the job's mount namespace: where the job can go
         with self._stage("exec"):
@@ -2576,13 +2757,11 @@ class Init:
                     os.set_inheritable(fd, False)
 
     def _enter_namespaces(self):
-        flags = self.order["namespaces"] & (CLONE_NEWNS | CLONE_NEWNET)
+        flags = self.order["namespaces"] & (CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWCGROUP)
         if flags:
-            libc("unshare", flags)
+            libc("unshare", flags)  # the cgroup namespace's root is the job's group, which we are in already
         if flags & CLONE_NEWNS:
-            libc("mount", b"none", b"/", None, MS_REC | MS_PRIVATE, None)  # our mounts stay ours
-            if self.pid_namespace:
-                libc("mount", b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+            self._private_mounts(self.order["mounts"])
         if flags & CLONE_NEWNET:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 request = struct.pack("16sH14x", b"lo", 0)
@@ -2591,11 +2770,33 @@ class Init:
         if not self.pid_namespace:
             libc("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come to us, not to the host's init
 
-    @staticmethod
-    def _give_up_privilege():
+    def _private_mounts(self, mounts):
+        """The job's view of the file system: the host's, nosuid, and read-only for a transient user, who so has
+        nowhere shared to leave a file; its own /tmp, /var/tmp and /dev/shm; and cgroup and mqueue file systems
+        mounted again, so that they show its own group and IPC namespace, not every job's."""
+        libc("mount", b"none", b"/", None, MS_REC | MS_PRIVATE, None)  # our mounts stay ours
+        for point, fstype, data in mounts["again"]:  # read-write as the host's are (else EBUSY); read-only next
+            try:
+                libc("mount", fstype.encode(), point.encode(), fstype.encode(), MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                     data.encode() or None)
+            except OSError as e:  # EBUSY: the job has no group of its own in this tree, so it is shown none of it
+                if e.errno != errno.EBUSY:
+                    raise
+                libc("mount", b"tmpfs", point.encode(), b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                     b"size=4k,nr_inodes=1,mode=555")
+        if mounts["nosuid"]:
+            protect_mounts(MOUNT_ATTR_NOSUID | (MOUNT_ATTR_RDONLY if mounts["read_only"] else 0))
+        for point in mounts["tmp"]:
+            libc("mount", b"tmpfs", point.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
+                 f"mode=1777,size={TMP_SIZE}".encode())
+        if self.pid_namespace:
+            libc("mount", b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+
+    def _give_up_privilege(self):
         """Nothing of the server's privilege but its ids reaches the job, and no exec gives the job more: no ambient
-        or inheritable capability, no supplementary group, no setuid bit or file capability (no_new_privs), no OOM
-        protection."""
+        or inheritable capability, no supplementary group, no setuid bit or file capability (no_new_privs), no user
+        namespace (in which it would have every capability), no OOM protection. (The bounding set is emptied once the
+        job's user is known: a job run as root by --run-as root keeps root's capabilities.)"""
         libc("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
         header = ctypes.create_string_buffer(struct.pack("Ii", LINUX_CAPABILITY_VERSION_3, 0), 8)
         sets = ctypes.create_string_buffer(24)  # (effective, permitted, inheritable) for capabilities 0-31, 32-63
@@ -2603,6 +2804,8 @@ class Init:
         sets[8:12] = sets[20:24] = bytes(4)
         libc("capset", header, sets)
         libc("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        if self.order["no_user_namespaces"]:
+            install_seccomp_filter(no_user_namespaces_filter(os.uname().machine))
         if os.geteuid() == 0:
             os.setgroups([])
         if int(_read("/proc/self/oom_score_adj")) < 0:
@@ -3208,7 +3411,7 @@ def serve(args):
         policy = LimitPolicy(dict(args.defaults), dict(args.maxima))
     except ValueError as e:
         raise SystemExit(f"jobworker: {e}") from None
-    sandbox = Sandbox(args.isolation, args.run_as, args.cgroup, args.io_device, args.data_dir)
+    sandbox = Sandbox(args.isolation, args.run_as, args.cgroup, args.io_device, args.data_dir, args.uid_range)
     policy.available = sandbox.controllers
     policy.unavailable = sandbox.unavailable
     # Blocked before any thread starts, so that every thread inherits the mask and only sigwait() below takes them: a
@@ -3446,6 +3649,13 @@ def _variable(text):
     return key, value
 
 
+def _id_range(text):
+    first, _, last = text.partition("-")
+    if not (first.isdigit() and last.isdigit()):
+        raise argparse.ArgumentTypeError(f"not a range of ids: {text!r} (use FIRST-LAST)")
+    return int(first), int(last)
+
+
 def _duration(text):
     try:
         return parse_duration(text)
@@ -3506,7 +3716,11 @@ def build_parser():
     serve_.add_argument("--data-dir", default=os.path.join(HERE, "data"), help="where job output and the audit go")
     serve_.add_argument("--isolation", choices=("on", "off", "auto"), default="auto",
                         help="on: refuse to run without every isolation; auto: whatever the host offers")
-    serve_.add_argument("--run-as", metavar="USER", help="the user jobs run as (default: nobody when root)")
+    serve_.add_argument("--run-as", metavar="USER",
+                        help="one user every job runs as (default: each job a transient user of its own, when root)")
+    serve_.add_argument("--uid-range", type=_id_range, default=TRANSIENT_IDS, metavar="FIRST-LAST",
+                        help=f"the uids (and gids) of transient users, which no account may have "
+                             f"(default {TRANSIENT_IDS[0]}-{TRANSIENT_IDS[1]})")
     serve_.add_argument("--cgroup", choices=("auto", "v1", "v2"), default="auto", help="which cgroup hierarchy")
     serve_.add_argument("--io-device", metavar="MAJ:MIN", help="the disk of disk limits (default: the data dir's)")
     for flag, dest, summary in (("--default", "defaults", "a limit for jobs that ask for none"),

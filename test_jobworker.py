@@ -45,6 +45,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 JOBWORKER = os.path.join(HERE, "jobworker.py")
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="isolation needs root")
+# Every job has a /tmp of its own: what a test shares with its jobs (a gate, a working directory) is where they see the
+# host's files.
+SHARED = "/run" if ROOT and os.path.isdir("/run") else tempfile.gettempdir()
 Code = grpc.StatusCode
 OK = Code.OK
 MiB = 1 << 20
@@ -456,8 +459,8 @@ class Gate:
     it is ready, and blocks reading from it until the test opens the gate (closes the connection)."""
 
     def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="jobworker-gate-")
-        os.chmod(self.dir, 0o755)  # jobs run as nobody
+        self.dir = tempfile.mkdtemp(prefix="jobworker-gate-", dir=SHARED)
+        os.chmod(self.dir, 0o755)  # jobs run as users of their own
         self.path = os.path.join(self.dir, "gate")
         self.listener = socket.socket(socket.AF_UNIX)
         self.listener.bind(self.path)
@@ -490,7 +493,7 @@ def gate():
 @pytest.fixture
 def job_directory():
     """A directory every job may enter (a test's tmp_path is under a directory only root may enter)."""
-    directory = tempfile.mkdtemp(prefix="jobworker-directory-")
+    directory = tempfile.mkdtemp(prefix="jobworker-directory-", dir=SHARED)
     os.chmod(directory, 0o755)
     yield directory
     shutil.rmtree(directory)
@@ -600,13 +603,14 @@ def test_a_job_gets_the_variables_and_working_directory_it_is_given(server, admi
     ran = read_stream(admin.stub, job_id)
     seen = json.loads(ran.out)
     assert seen["cwd"] == job_directory
-    base = {"PATH": jobworker.JOB_PATH, "USER": "nobody" if ROOT else pwd.getpwuid(os.geteuid()).pw_name,
-            "SHELL": "/bin/sh", "LANG": "C.UTF-8"}
+    base = {"PATH": jobworker.JOB_PATH, "SHELL": "/bin/sh", "LANG": "C.UTF-8"}
+    base.update({"HOME": "/tmp"} if ROOT else {"USER": pwd.getpwuid(os.geteuid()).pw_name})
     assert seen["env"] == {**seen["env"], **base, **env}, "a variable given, or of the base, is missing or different"
     assert "JOBWORKER_SECRET" not in seen["env"]
     assert dict(ran.status.env) == env and ran.status.working_directory == job_directory
     plain = run_job(admin, JOB_SEES)
-    assert json.loads(plain.out)["cwd"] == "/" and plain.status.working_directory == "/" and not plain.status.env
+    home = "/tmp" if ROOT else "/"  # a transient user's home, its private /tmp
+    assert json.loads(plain.out)["cwd"] == home and plain.status.working_directory == home and not plain.status.env
     with open(os.path.join(server.data_dir, "audit.log")) as f:
         audit = f.read()
     entry = next(e for e in map(json.loads, audit.splitlines()) if e["action"] == "start" and e["job_id"] == job_id)
@@ -2260,9 +2264,189 @@ def root_server(pki, tmp_path_factory):
 def test_status_reports_the_isolation_that_applies(admin):
     isolation = run_job(admin, ["true"], memory_bytes=64 << 20, cpu_cores=0.5, pids=100).status.isolation
     assert isolation.mode == "auto" and isolation.cgroup in ("v1", "v2")
-    assert set(isolation.namespaces) == {"pid", "mount", "network"}
+    assert set(isolation.namespaces) == {"pid", "mount", "network", "ipc", "cgroup"}
     assert isolation.limits.memory_bytes == 64 << 20 and isolation.limits.cpu_cores == 0.5
-    assert isolation.limits.pids == 100 and isolation.user == "nobody"
+    assert isolation.limits.pids == 100 and re.fullmatch(r"uid \d+ \(transient\)", isolation.user)
+
+
+def first_line(stub, job_id):
+    """The first line a running job writes (it has got that far)."""
+    call, got = stub.Stream(pb.StreamRequest(job_id=job_id), timeout=120), bytearray()
+    try:
+        for message in call:
+            got += message.data
+            if b"\n" in got:
+                return got[:got.index(b"\n")].decode()
+    finally:
+        call.cancel()
+    raise AssertionError(f"the job ended without a whole line: {bytes(got)!r}")
+
+
+ADD_KEY = {"x86_64": 248, "aarch64": 217}[os.uname().machine]
+KEYCTL, KEYCTL_READ, KEY_SPEC_SESSION_KEYRING = jobworker.SYSCALLS[os.uname().machine]["keyctl"], 11, -3
+
+
+@needs_root
+def test_two_users_jobs_cannot_reach_each_others_files_sockets_ipc_or_keys(server, gate):
+    """What the red team's job left for another user's (0600 files in /tmp, /var/tmp and /dev/shm, a Unix socket in
+    /tmp, SysV shared memory, a key in its session keyring), the other job cannot see, connect to, or read: each job
+    has its own /tmp, /var/tmp and /dev/shm, IPC namespace and session keyring. (A symbolic link planted in /tmp
+    cannot catch a later write of another job's for the same reason.)"""
+    alice, bob = server.client("user"), server.client("user2")
+    leaves = py("import ctypes, os, socket, subprocess\n"
+                "for directory in ('/tmp', '/var/tmp', '/dev/shm'):\n"
+                "    fd = os.open(directory + '/secret', os.O_CREAT | os.O_WRONLY, 0o600)\n"
+                "    os.write(fd, b'alice')\n"
+                "listener = socket.socket(socket.AF_UNIX)\nlistener.bind('/tmp/socket')\nlistener.listen()\n"
+                "shm = subprocess.run(['ipcmk', '-M', '4096'], capture_output=True, text=True, check=True).stdout\n"
+                "libc = ctypes.CDLL(None, use_errno=True)\n"
+                f"key = libc.syscall({ADD_KEY}, b'user', b'jobworker-test', b'alice', 5, {KEY_SPEC_SESSION_KEYRING})\n"
+                "print(shm.split()[-1], key, flush=True)\n" + gate.hold(""))
+    left = alice.start(leaves)
+    shm_id, key = first_line(alice.stub, left).split()
+    assert int(key) > 0, "the job could not add a key to its session keyring"
+    looks = py("import ctypes, json, socket, subprocess, os\n"
+               "seen = {d: os.listdir(d) for d in ('/tmp', '/var/tmp', '/dev/shm')}\n"
+               "seen['ipcs'] = subprocess.run(['ipcs', '-m'], capture_output=True, text=True).stdout\n"
+               "try:\n    socket.socket(socket.AF_UNIX).connect('/tmp/socket')\n    seen['socket'] = 'connected'\n"
+               "except OSError as e:\n    seen['socket'] = e.strerror\n"
+               "libc = ctypes.CDLL(None, use_errno=True)\nkey = ctypes.create_string_buffer(64)\n"
+               f"seen['key'] = libc.syscall({KEYCTL}, {KEYCTL_READ}, {key}, key, 64)\n"
+               "print(json.dumps(seen))\n")
+    ran = run_job(bob, looks)
+    assert ran.status.exit_code == 0, ran.err
+    seen = json.loads(ran.out)
+    assert (seen["/tmp"], seen["/var/tmp"], seen["/dev/shm"]) == ([], [], []), seen
+    assert not [line for line in seen["ipcs"].splitlines() if line.startswith("0x")], seen["ipcs"]
+    assert seen["socket"] == "No such file or directory" and seen["key"] == -1, seen
+    gate.open()
+    assert read_stream(alice.stub, left).status.exit_code == 0
+
+
+def host_processes_of(uid):
+    """Host pids of the live processes whose real uid is `uid`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, KeyError):
+            if int(proc_status(pid)["Uid"].split()[0]) == uid:
+                found.append(int(pid))
+    return found
+
+
+@needs_root
+def test_each_job_runs_as_a_transient_user_of_its_own_which_is_given_back_once_its_processes_are_gone(pki, tmp_path,
+                                                                                                      gate):
+    """Two jobs at once have two uids (and gids) of the range no host account has; a third Start finds none left and
+    is refused; once a job's processes are gone its uid is free again, and the next job gets it. A range that holds
+    a host account's id is refused at start."""
+    first = jobworker.TRANSIENT_IDS[0] + 1000
+    server = Server(pki, str(tmp_path / "server"), "--uid-range", f"{first}-{first + 1}")
+    admin = server.client()
+    ids = py("import os\nprint(*os.getresuid(), *os.getresgid(), os.getgroups(), flush=True)\n" + gate.hold(""))
+    held = [admin.start(ids) for _ in range(2)]
+    seen = sorted(first_line(admin.stub, job_id) for job_id in held)
+    assert seen == [f"{uid} {uid} {uid} {uid} {uid} {uid} []" for uid in (first, first + 1)]
+    assert sorted(admin.query(job_id).isolation.user for job_id in held) == \
+        [f"uid {first} (transient)", f"uid {first + 1} (transient)"]
+    assert all(host_processes_of(uid) for uid in (first, first + 1))
+    refused = status_of(lambda: admin.start(["true"]))
+    assert refused.code == Code.RESOURCE_EXHAUSTED
+    gate.open()
+    gate.open()
+    for job_id in held:
+        assert admin.wait(job_id).exit_code == 0
+    assert host_processes_of(first) == host_processes_of(first + 1) == []
+    assert run_job(admin, py("import os\nprint(os.getuid())")).out == f"{first}\n".encode()  # the next round
+    server.stop()
+    with pytest.raises(RuntimeError) as refusal:
+        Server(pki, str(tmp_path / "clash"), "--uid-range", "65000-65600")
+    assert "--uid-range 65000-65600 holds ids the host uses" in str(refusal.value)
+
+
+@needs_root
+def test_the_host_file_system_is_read_only_to_a_transient_user_but_its_home_and_tmp_are_its_own(admin):
+    """Nowhere on the host a job may write, not even a directory anyone may write in: every mount it has is
+    read-only and nosuid but its own /tmp, /var/tmp, /dev/shm (tmpfs, each as big as its memory limit, and what is
+    kept there is the job's memory) and /proc. It starts in its home, the private /tmp."""
+    open_to_all = tempfile.mkdtemp(prefix="jobworker-open-", dir=SHARED)
+    os.chmod(open_to_all, 0o777)
+    try:
+        writes = py("import json, os\nresult = {'cwd': os.getcwd()}\n"
+                    f"for path in ({open_to_all!r} + '/x', os.path.expanduser('~/x'), 'x', '/var/tmp/x', "
+                    "'/dev/shm/x'):\n"
+                    "    try:\n        open(path, 'w').close()\n        result[path] = 'written'\n"
+                    "    except OSError as e:\n        result[path] = e.strerror\n"
+                    "tmp = os.statvfs('/tmp')\nresult['tmp size'] = tmp.f_blocks * tmp.f_frsize\n"
+                    "with open('/dev/shm/big', 'wb') as f:\n    f.write(bytes(32 << 20))\n"
+                    "mounts = [line.split() for line in open('/proc/self/mountinfo')]\n"
+                    "result['suid'] = [m[4] for m in mounts if 'nosuid' not in m[5].split(',')]\n"
+                    "result['writable'] = sorted(m[4] for m in mounts if 'rw' in m[5].split(','))\n"
+                    "print(json.dumps(result))\n")
+        ran = run_job(admin, writes, memory_bytes=64 * MiB)
+        assert ran.status.exit_code == 0, ran.err
+        result = json.loads(ran.out)
+        assert result == {"cwd": "/tmp", f"{open_to_all}/x": "Read-only file system", "/tmp/x": "written",
+                          "x": "written", "/var/tmp/x": "written", "/dev/shm/x": "written", "tmp size": 64 * MiB,
+                          "suid": [], "writable": ["/dev/shm", "/proc", "/tmp", "/var/tmp"]}, result
+        assert ran.status.usage.peak_memory_bytes >= 32 * MiB, "what a job keeps in /dev/shm is not its memory"
+        assert os.listdir(open_to_all) == []
+    finally:
+        shutil.rmtree(open_to_all)
+
+
+@needs_root
+def test_a_job_has_no_way_to_more_privilege_no_capability_no_setuid_no_user_namespace(admin):
+    """The red team's job got every capability in a user namespace of its own (unshare -Urm). Now: an empty bounding
+    set (no exec can give it a capability), no_new_privs (no setuid bit or file capability counts), and a seccomp
+    filter by which no user namespace can be made."""
+    ran = run_job(admin, ["sh", "-c", "grep -E '^(CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; "
+                                      "unshare -Urm id -u; echo unshare $?"])
+    assert ran.out.split(b"\n")[:4] == [b"CapBnd:\t0000000000000000", b"NoNewPrivs:\t1", b"Seccomp:\t2",
+                                        b"unshare 1"], ran
+    assert b"Operation not permitted" in ran.err
+
+
+@needs_root
+def test_a_job_sees_only_its_own_cgroup_not_other_jobs_or_the_ready_inits(admin, gate):
+    """In its cgroup namespace, with the cgroup file systems mounted again, a job's cgroup is the root of every tree
+    it sees: no other job's id, no ready init's, no directory of the server's."""
+    other = admin.start(py(gate.hold()))
+    wait_for_output(admin.stub, other, b"ready\n")
+    looks = py("import json, os\n"
+               "names = [name for _, dirs, _ in os.walk('/sys/fs/cgroup') for name in dirs]\n"
+               "print(json.dumps({'cgroup': open('/proc/self/cgroup').read().splitlines(), 'names': names}))")
+    job_id = admin.start(looks)
+    ran = read_stream(admin.stub, job_id)
+    seen = json.loads(ran.out)
+    assert seen["cgroup"] and all(line.endswith(":/") for line in seen["cgroup"]), seen["cgroup"]
+    ids = [name for name in seen["names"] if re.fullmatch(r"[0-9a-f-]{36}|jobworker-.*", name)]
+    assert ids == [], "a job can see other groups of the server's"
+    gate.open()
+    assert read_stream(admin.stub, other).status.exit_code == 0
+
+
+@needs_root
+def test_a_process_elsewhere_holding_a_jobs_output_pipe_cannot_keep_it_running_or_write_into_its_output(admin,
+                                                                                                        gate):
+    """A job is over when its command has ended and its processes are gone: a process outside the job that holds its
+    stdout (here the test, as root, by /proc) neither keeps it RUNNING, nor holds up a Stop past its kill, nor gets
+    what it writes into the output."""
+    label = marker()
+    job_id = admin.start(py(f"# {label}\n" + gate.hold()))
+    wait_for_output(admin.stub, job_id, b"ready\n")
+    (pid,) = processes_with(label)
+    with open(f"/proc/{pid}/fd/1", "wb", buffering=0) as held:
+        gate.open()
+        assert admin.wait(job_id).state == pb.EXITED
+        with contextlib.suppress(BrokenPipeError):
+            held.write(b"injected\n")
+        assert read_stream(admin.stub, job_id).out == b"ready\n"
+    deaf = admin.start(["sh", "-c", f"trap '' TERM; echo ready; sleep {label}"])
+    wait_for_output(admin.stub, deaf, b"ready\n")
+    (pid,) = [pid for pid in processes_with(label) if proc_status(pid)["Name"] == "sh"]
+    with open(f"/proc/{pid}/fd/1", "wb", buffering=0):
+        stopped = admin.stop(deaf, timeout=0.5)  # returns once the kill has ended it, the pipe still held
+        assert stopped.state == pb.STOPPED and stopped.signal == signal.SIGKILL
 
 
 @needs_root
@@ -2310,13 +2494,16 @@ def test_a_job_sees_only_its_own_processes_and_only_loopback(admin, server):
 
 
 @needs_root
-def test_a_mount_inside_a_job_does_not_reach_the_host(root_server, tmp_path):
-    target = str(tmp_path / "mnt")
-    os.mkdir(target)
-    ran = run_job(root_server.client(), ["sh", "-c", f"mount -t tmpfs tmp {target} && grep -c {target} /proc/mounts"])
-    assert ran.status.exit_code == 0 and ran.out == b"1\n", ran.err
-    with open("/proc/self/mountinfo") as f:
-        assert target not in f.read()
+def test_a_mount_inside_a_job_does_not_reach_the_host(root_server):
+    target = tempfile.mkdtemp(prefix="jobworker-mount-", dir=SHARED)  # not in /tmp, which the job has of its own
+    try:
+        ran = run_job(root_server.client(), ["sh", "-c", f"mount -t tmpfs tmp {target} && grep -c {target} "
+                                                          "/proc/mounts"])
+        assert ran.status.exit_code == 0 and ran.out == b"1\n", ran.err
+        with open("/proc/self/mountinfo") as f:
+            assert target not in f.read()
+    finally:
+        os.rmdir(target)
 
 
 @needs_root
@@ -2344,7 +2531,9 @@ def test_zombies_are_reaped_and_the_exit_status_is_the_commands_own(admin):
 def test_an_unprivileged_job_cannot_write_where_its_user_cannot(admin):
     target = f"/root/jobworker-test-{marker()}"
     ran = run_job(admin, ["sh", "-c", f"id -u; id -G; echo x > {target}"])
-    assert ran.out == b"65534\n65534\n" and ran.status.exit_code != 0 and b"Permission denied" in ran.err
+    uid, gids = ran.out.decode().split("\n")[:2]
+    assert int(uid) in range(jobworker.TRANSIENT_IDS[0], jobworker.TRANSIENT_IDS[1] + 1) and gids == uid
+    assert ran.status.exit_code != 0 and b"Permission denied" in ran.err
     assert not os.path.exists(target)
 
 
@@ -2422,12 +2611,12 @@ def test_an_oom_kill_takes_the_whole_job_on_cgroup_v2(admin):
 
 
 def a_disk_directory():
-    """A new directory anyone may write in, on a block device (the tests' temporary directory, or the cgroup v2
-    VM's disk when that is on tmpfs), or None."""
-    for parent in (tempfile.gettempdir(), "/mnt/data"):
+    """A new directory anyone may write in, on a block device (beside the checkout, or the cgroup v2 VM's disk), or
+    None. Not under /tmp, which every job has of its own."""
+    for parent in (HERE, "/mnt/data"):
         if os.path.isdir(parent) and jobworker.block_device_of(parent):
             directory = tempfile.mkdtemp(prefix="jobworker-disk-", dir=parent)
-            os.chmod(directory, 0o777)  # jobs run as nobody
+            os.chmod(directory, 0o777)  # for nobody
             return directory
     return None
 
@@ -2435,12 +2624,14 @@ def a_disk_directory():
 @needs_root
 def test_disk_limits_hold_a_jobs_direct_reads_and_writes_on_the_data_directorys_disk(pki):
     """io.max on cgroup v2 (blkio's throttle on v1), on the disk of the server's data directory: 8 MiB written and
-    read back with O_DIRECT at 2 MiB/s take at least 2.5 s each, and at least twice as long as without a limit."""
+    read back with O_DIRECT at 2 MiB/s take at least 2.5 s each, and at least twice as long as without a limit. The
+    jobs run as nobody (--run-as), whose host file system is writable where nobody may write (a transient user's is
+    read-only)."""
     directory = a_disk_directory()
     if directory is None:
         pytest.skip("no directory on a block device")
     try:
-        server = Server(pki, os.path.join(directory, "server"))
+        server = Server(pki, os.path.join(directory, "server"), "--run-as", "nobody")
         admin = server.client()
         target = os.path.join(directory, "written")
         write = ["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=8", "oflag=direct", "status=none"]
@@ -2514,7 +2705,7 @@ def test_a_server_in_a_cgroup_it_shares_writes_nothing_there_and_says_in_one_lin
         admin = server.client()
         status = run_job(admin, ["true"]).status
         assert status.exit_code == 0 and status.isolation.cgroup == "" and status.isolation.limits == pb.Limits()
-        assert set(status.isolation.namespaces) == {"pid", "mount", "network"}
+        assert set(status.isolation.namespaces) == {"pid", "mount", "network", "ipc", "cgroup"}
         refused = pytest.raises(grpc.RpcError, admin.start, ["true"], memory_bytes=64 * MiB).value
         assert refused.code() == Code.FAILED_PRECONDITION
         assert refused.details() == f"memory_bytes limits are not available on this server: {problem}"
@@ -3554,7 +3745,10 @@ HOSTILE = settings(deadline=None, derandomize=True, database=None,
 
 
 def resolve_program(name):
-    """The file a job's exec would run for `name` (its PATH, its working directory /), or None."""
+    """The file a job's exec would run for `name` (its PATH, its working directory), or None. A transient user starts
+    in its own /tmp, empty, where no relative name is found; others in /."""
+    if ROOT and "/" in name and not name.startswith("/"):
+        return None
     candidates = [os.path.join("/", name)] if "/" in name else \
         [os.path.join(d, name) for d in jobworker.JOB_PATH.split(":")]
     for path in candidates:
@@ -3719,9 +3913,9 @@ NAMES = st.one_of(st.sampled_from(["", "=", "A=B", "A\0", "\0", "HOME", "LANG", 
                   ).filter(lambda name: name != "PATH")
 VALUES = st.one_of(TEXT, ODD_TEXT, st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=30),
                    st.integers(0, 80 * 1024).map(lambda n: "v" * n))
-WORKING_DIRECTORIES = {"": "/", "/": "/", "/tmp": "/tmp", "/proc": "/proc", "/tmp/": "/tmp", "relative": None,
-                       ".": None, "/no/such": None, "/etc/passwd": None, "/root": None, "/tmp\0x": None, "é": None,
-                       "/" + "x" * 300: None, "/" + "x" * 5000: None}
+WORKING_DIRECTORIES = {"": "/tmp" if ROOT else "/", "/": "/", "/tmp": "/tmp", "/proc": "/proc", "/tmp/": "/tmp",
+                       "relative": None, ".": None, "/no/such": None, "/etc/passwd": None, "/root": None,
+                       "/tmp\0x": None, "é": None, "/" + "x" * 300: None, "/" + "x" * 5000: None}
 
 
 def variables_outcome(request):
@@ -3755,7 +3949,7 @@ def test_reliability_hostile_variables_and_working_directories(hostile, env, dir
         seen = dict(entry.split(b"=", 1) for entry in environ.split(b"\0") if entry)
         assert cwd.decode() == WORKING_DIRECTORIES[directory] and ran.status.exit_code == 0, ran
         assert {name.encode(): value.encode() for name, value in env.items()}.items() <= seen.items()
-        assert dict(ran.status.env) == env and ran.status.working_directory == (directory or "/")
+        assert dict(ran.status.env) == env and ran.status.working_directory == WORKING_DIRECTORIES[directory or ""]
     hostile.still_serves()
 
 
