@@ -3196,7 +3196,7 @@ def build_parser():
                         metavar="SIZE", help="output kept per job; the rest is dropped and counted (default 1G)")
     serve_.add_argument("--min-free", type=_min_free, default=DEFAULT_MIN_FREE, metavar="SIZE|N%",
                         help=f"free space in the data directory under which Starts are refused "
-                             f"(default {DEFAULT_MIN_FREE})")
+                             f"(default {DEFAULT_MIN_FREE})".replace("%", "%%"))  # argparse formats help with %
 
     run = _client_command(commands, "run", cli_run, "start a job, write its output and exit with its status; "
                           "Ctrl-C stops it, a second Ctrl-C kills it")

@@ -1448,6 +1448,8 @@ def test_every_flag_of_every_subcommand_says_what_it_is_for():
     silent = [f"{name} {action.option_strings or action.dest}" for name, subcommand in subcommands.items()
               for action in subcommand._actions if not isinstance(action, argparse._HelpAction) and not action.help]
     assert not silent, f"without a help string: {silent}"
+    for name, subcommand in subcommands.items():
+        assert "--help" in subcommand.format_help(), name  # argparse formats help with %: a bare one breaks --help
 
 
 def test_cli_query_and_list_describe_a_job_ended_by_a_realtime_signal(server, admin):
