@@ -617,6 +617,7 @@ class Servicer:
         if not math.isfinite(grace) or not 0 <= grace <= MAX_STOP_GRACE:
             raise Refused("INVALID_ARGUMENT", f"timeout_seconds must be between 0 and {MAX_STOP_GRACE:g}")
         self.manager.stop(job, grace=0.0 if request.force else grace)
+        self._until_ended(job, context)
         return job.status()
 
     def Query(self, request, context, caller):
@@ -675,6 +676,14 @@ class Servicer:
         finally:
             self.long_calls.give_back(caller.identity)
         return job.status()
+
+    @staticmethod
+    def _until_ended(job, context):
+        """Returns once the job has ended, or the call has (its client cancelled, its deadline passed, it went away),
+        when what is returned goes nowhere."""
+        woken = threading.Event()
+        if context.add_callback(woken.set):
+            job.wait(woken)
 
     @staticmethod
     def _stream(job, reader, context):
@@ -752,6 +761,7 @@ class JobManager:
         self._syncer = futures.ThreadPoolExecutor(1, initializer=name_this_thread, initargs=("records",))
         self._retainer = threading.Thread(target=self._retain, name="retention", daemon=True)
         self._retainer.start()
+        self._stopper = Stopper()
 
     def start(self, owner, command, limits, env, working_directory):
         """Starts a job: `env` holds the client's variables, on top of the base environment."""
@@ -847,8 +857,9 @@ class JobManager:
         return found, False
 
     def stop(self, job, grace=DEFAULT_STOP_GRACE):
-        """Ends `job` (SIGTERM, then SIGKILL after `grace` seconds) and returns once every process of it is gone."""
-        self._end([job], grace)
+        """Asks `job` to end (SIGTERM, then SIGKILL after `grace` seconds), joining its stop in flight; returns at once:
+        job.ended tells when every process of it is gone."""
+        self._stopper.stop(job, grace)
 
     def remove(self, job):
         """Removes an ended job and its output now; a stream of it ends."""
@@ -868,6 +879,7 @@ class JobManager:
     def _finish(self, job):
         """On the teardown thread, once the job's init has exited: how it ended, its final record, and retention."""
         job.end()
+        self._stopper.forget(job)
         with self._lock:
             if self._jobs.get(job.id) is job:  # not yet added (_add does it then), or removed already
                 self._has_ended(job)
@@ -897,7 +909,9 @@ class JobManager:
         self.pool.close()  # a Start waiting for an init fails now; one that has its init ends within its deadline
         with self._lock:
             self._no_start_under_way.wait_for(lambda: not self._starting)
-        self._end(self.jobs(), SHUTDOWN_GRACE)
+        for job in self.jobs():
+            self._stopper.stop(job, SHUTDOWN_GRACE)
+        self._stopper.close()  # once every job has ended, or its last escalation has passed
         self._pump.stop()
         self._teardown.shutdown(wait=True)  # every job's final record is written
         self._syncer.shutdown(wait=True)
@@ -906,25 +920,79 @@ class JobManager:
         if self.sandbox.cgroups:
             self.sandbox.cgroups.close()
 
-    @staticmethod
-    def _end(jobs, grace):
-        """SIGTERM; SIGKILL after `grace` seconds (at once if 0); after KILL_GRACE more, SIGKILL to the init itself
-        (a job without a PID namespace can stop its init). Returns once every job has ended, at most grace plus twice
-        KILL_GRACE later."""
-        jobs = [job for job in jobs if not job.ended.is_set()]
-        for job in jobs:
-            job.stop_requested = True
-            if grace:
-                job.init.signal(signal.SIGTERM)
-        for escalate, within in ((InitHandle.kill, grace), (InitHandle.kill_init, KILL_GRACE), (None, KILL_GRACE)):
-            deadline = time.monotonic() + within
-            for job in jobs:
-                if job.ended.wait(max(0.0, deadline - time.monotonic())):
+
+class Stopper:
+    """Stops jobs, on a thread of its own: SIGTERM at a job's first Stop, SIGKILL once the shortest grace any of its
+    Stops asked for has passed (at once for a force Stop), and KILL_GRACE later SIGKILL to its init too (a job without a
+    PID namespace can stop its init). A later Stop joins the one in flight: one timeline per job, however many wait."""
+
+    ESCALATIONS = ("kill", "kill_init", None)  # of its InitHandle; None: the job has not ended, although all was done
+
+    def __init__(self):
+        self._due = {}  # Job -> [when its next escalation is due (time.monotonic()), which]
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="stops", daemon=True)
+        self._thread.start()
+
+    def stop(self, job, grace):
+        with self._changed:
+            if job.ended.is_set():
+                return
+            when = time.monotonic() + grace
+            due = self._due.get(job)
+            first = due is None
+            if first:
+                job.stop_requested = True
+                self._due[job] = [when, 0]
+            elif due[1] == 0 and when < due[0]:  # a shorter grace brings the SIGKILL closer; a longer one, nothing
+                due[0] = when
+            self._changed.notify()
+        if first and grace:
+            job.init.signal(signal.SIGTERM)
+
+    def forget(self, job):
+        """Called once the job has ended."""
+        with self._changed:
+            self._due.pop(job, None)
+            self._changed.notify()
+
+    def close(self):
+        """Returns once every job asked to stop has ended or run out of escalations (at most 2 × KILL_GRACE after its
+        grace), and the thread has gone."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join()
+
+    def _run(self):
+        name_this_thread("stops")
+        while True:
+            with self._changed:
+                while not (due := self._next_due()):
+                    if self._closed and not self._due:
+                        return
+                    soonest = min((when for when, _ in self._due.values()), default=None)
+                    self._changed.wait(None if soonest is None else soonest - time.monotonic())
+            for job, escalation in due:
+                if job.ended.is_set():
                     continue
-                if escalate:
-                    escalate(job.init)
+                if escalation:
+                    getattr(job.init, escalation)()
                 else:
                     logging.error("job %s has not ended, although its init was killed", job.id)
+
+    def _next_due(self):
+        """The escalations due now, each job's next one scheduled (under the lock): [(job, escalation)]."""
+        now, due = time.monotonic(), []
+        for job, (when, which) in list(self._due.items()):
+            if when <= now:
+                due.append((job, self.ESCALATIONS[which]))
+                if which + 1 < len(self.ESCALATIONS):
+                    self._due[job] = [now + KILL_GRACE, which + 1]
+                else:
+                    del self._due[job]
+        return due
 
 
 MAX_VARIABLES_BYTES = 64 * 1024  # the client's variables, as KEY=VALUE\0; the kernel takes 128 KiB in one string
