@@ -423,8 +423,12 @@ def _read_bytes(path):
 class Server:
     """The gRPC server, its thread pool, and the JobManager behind it."""
 
-    WORKERS = 1024  # calls in flight at once; a stream or a wait holds its thread for as long as it lasts
-    RESERVED = 64   # threads streams and waits may not take, for the other calls
+    # Every call holds a thread while it runs (a stream or a wait, for as long as it lasts). Other callers than admins
+    # share CALLS of them for unary calls and LONG_CALLS for streams and waits; admins may take ADMIN_SHARE more of
+    # each, so that they can always List and Stop. The four add up to WORKERS, the most gRPC lets in at once.
+    WORKERS = 1024
+    CALLS = LONG_CALLS = 480
+    ADMIN_SHARE = 32
 
     def __init__(self, addr, cert, key, ca, data_dir, sandbox, policy, **keeping):
         self.audit = Audit(os.path.join(data_dir, "audit.log"))
@@ -448,8 +452,8 @@ class Server:
                    ("grpc.keepalive_permit_without_calls", 1)]
         pool = futures.ThreadPoolExecutor(self.WORKERS, initializer=name_this_thread, initargs=("rpc",))
         self._grpc = grpc.server(pool, options=options, maximum_concurrent_rpcs=self.WORKERS)
-        long_calls = self.WORKERS - self.RESERVED
-        servicer = Servicer(self.manager, LongCallSlots(long_calls, long_calls // 2))
+        servicer = Servicer(self.manager, CallSlots("calls in flight", self.CALLS, self.ADMIN_SHARE),
+                            CallSlots("streams and waits open", self.LONG_CALLS, self.ADMIN_SHARE))
         self._grpc.add_generic_rpc_handlers((Guard(servicer, self.audit).handler(),))
         try:
             self.port = self._grpc.add_secure_port(addr, server_credentials(cert, key, ca))
@@ -567,39 +571,65 @@ class Audit:
         self._file.close()
 
 
-class LongCallSlots:
-    """A cap on the calls that may last as long as a job (Stream, Wait), in all and per caller, so that they cannot take
-    the threads other calls need."""
+class CallSlots:
+    """Calls in flight, by caller, within a total, so that no caller can take the threads the others need. A caller
+    may hold at most half of the slots the other callers leave free: two callers never hold them all, nor does any
+    small number of them, and whoever comes next finds room. Admins may take `admin_share` slots more."""
 
-    def __init__(self, total, per_caller):
-        self.total, self.per_caller = total, per_caller
-        self._open = {}  # identity -> its streams open
+    def __init__(self, what, total, admin_share):
+        self.what, self.total, self.admin_share = what, total, admin_share
+        self._held = {}  # identity -> its calls in flight
+        self._in_flight = 0
         self._lock = threading.Lock()
 
-    def take(self, identity):
+    def take(self, caller):
         with self._lock:
-            if sum(self._open.values()) >= self.total or self._open.get(identity, 0) >= self.per_caller:
-                raise Refused("RESOURCE_EXHAUSTED", "too many streams and waits open; close some and try again")
-            self._open[identity] = self._open.get(identity, 0) + 1
+            own = self._held.get(caller.identity, 0)
+            left = self.total + (self.admin_share if caller.role == "admin" else 0) - (self._in_flight - own)
+            if 2 * own >= left:
+                raise Refused("RESOURCE_EXHAUSTED", f"{caller.identity} has {own} {self.what}, half of the {left} the "
+                                                    f"other callers leave free (a caller may hold no more): end some "
+                                                    f"and try again")
+            self._held[caller.identity] = own + 1
+            self._in_flight += 1
 
-    def give_back(self, identity):
+    def give_back(self, caller):
         with self._lock:
-            self._open[identity] -= 1
-            if not self._open[identity]:
-                del self._open[identity]
+            self._in_flight -= 1
+            self._held[caller.identity] -= 1
+            if not self._held[caller.identity]:
+                del self._held[caller.identity]
+
+    @contextlib.contextmanager
+    def held(self, caller):
+        self.take(caller)
+        try:
+            yield
+        finally:
+            self.give_back(caller)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # RPCs: each receives the Caller the Guard has authorized, checks the request, and asks the JobManager
 # ---------------------------------------------------------------------------------------------------------------------
 
+def _unary_call(method):
+    """A Servicer's RPC that holds one of its caller's slots of `calls` while it runs."""
+    def held(self, request, context, caller):
+        with self.calls.held(caller):
+            return method(self, request, context, caller)
+    return held
+
+
 class Servicer:
-    """The JobWorker RPCs."""
+    """The JobWorker RPCs. Each holds one of its caller's slots while it runs: a slot of `calls`, or of `long_calls`
+    for the calls that last as long as a job (Stream, Wait)."""
 
-    def __init__(self, manager, long_calls):
+    def __init__(self, manager, calls, long_calls):
         self.manager = manager
-        self.long_calls = long_calls
+        self.calls, self.long_calls = calls, long_calls
 
+    @_unary_call
     def Start(self, request, context, caller):
         limits = {name: getattr(request.limits, name) for name in LIMITS}
         # The pool makes the next init, and the job's record goes to the disk, once this answer has gone, so that
@@ -611,6 +641,7 @@ class Servicer:
             self.manager.sync(job)
         return pb.StartResponse(job_id=job.id, status=job.status())
 
+    @_unary_call
     def Stop(self, request, context, caller):
         job = self._visible(request.job_id, caller)
         grace = request.timeout_seconds if request.HasField("timeout_seconds") else DEFAULT_STOP_GRACE
@@ -620,9 +651,11 @@ class Servicer:
         self._until_ended(job, context)
         return job.status()
 
+    @_unary_call
     def Query(self, request, context, caller):
         return self._visible(request.job_id, caller).status()
 
+    @_unary_call
     def List(self, request, context, caller):
         size = request.page_size or LIST_PAGE_SIZE
         if size > MAX_LIST_PAGE_SIZE:
@@ -643,6 +676,7 @@ class Servicer:
             response.next_page_token = str(jobs[-1].number)
         return response
 
+    @_unary_call
     def Remove(self, request, context, caller):
         job = self._visible(request.job_id, caller)
         self.manager.remove(job)
@@ -652,12 +686,12 @@ class Servicer:
         job = self._visible(request.job_id, caller)
         if job.outcome and request.offset > job.log.size:  # a running job may still get there
             raise Refused("OUT_OF_RANGE", f"offset {request.offset} is past the {job.log.size} bytes of output")
-        self.long_calls.take(caller.identity)
+        self.long_calls.take(caller)
         reader = LogReader(job.log, request.offset)
 
         def ended():  # however the call ends; a client that has gone away wakes its reader, which ends
             reader.cancel()
-            self.long_calls.give_back(caller.identity)
+            self.long_calls.give_back(caller)
         if not context.add_callback(ended):
             ended()
         return self._stream(job, reader, context)
@@ -666,15 +700,8 @@ class Servicer:
         job = self._visible(request.job_id, caller)
         if job.ended.is_set():
             return job.status()
-        self.long_calls.take(caller.identity)
-        try:
-            # Woken by the job's end, or by the call's (the client cancelled, its deadline passed, it went away), when
-            # what is returned goes nowhere.
-            woken = threading.Event()
-            if context.add_callback(woken.set):
-                job.wait(woken)
-        finally:
-            self.long_calls.give_back(caller.identity)
+        with self.long_calls.held(caller):
+            self._until_ended(job, context)
         return job.status()
 
     @staticmethod

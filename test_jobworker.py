@@ -2623,6 +2623,8 @@ def test_reliability_clients_that_stop_reading_slow_neither_the_job_nor_other_cl
     assert_settled("stuck clients", idle, after, watch.peak)
 
 
+STUBBORN_JOB = py("import os, signal\nsignal.signal(signal.SIGTERM, lambda *_: os.write(1, b'term\\n'))\n"
+                  "os.write(1, b'ready\\n')\nwhile True:\n    signal.pause()\n")  # says each SIGTERM, and runs on
 PARTIAL_CLIENT_HELLO = bytes.fromhex("16030100c8010000c40303") + bytes(16)  # announces 200 bytes, sends 27
 
 
@@ -2653,10 +2655,10 @@ def vanish_at_the_transport(server, how, context):
         sock.close()
 
 
-def open_every_stream_slot(server, job_id):
-    """Opens streams of `job_id` (which must have output) until the server refuses one: the caller has every stream
-    it may have; closes them and returns how many were open."""
-    channel, stub = open_channel(server)
+def hold_every_stream_slot(server, job_id, credentials="admin"):
+    """Opens streams of `job_id` (which must have output) as `credentials` until the server refuses one: the caller
+    has every stream it may have. Returns its channel and those streams, open."""
+    channel, stub = open_channel(server, credentials)
     calls = []
     try:
         while len(calls) < RPC_POOL:
@@ -2664,12 +2666,22 @@ def open_every_stream_slot(server, job_id):
             code = status_of(lambda: next(calls[-1])).code
             if code != OK:
                 assert code == Code.RESOURCE_EXHAUSTED, code
-                return len(calls) - 1
+                return channel, calls[:-1]
         raise AssertionError(f"{len(calls)} streams of one caller, and the server took them all")
-    finally:
+    except BaseException:
         for call in calls:
             call.cancel()
         channel.close()
+        raise
+
+
+def open_every_stream_slot(server, job_id):
+    """Opens every stream an admin may have of `job_id`, closes them, and returns how many were open."""
+    channel, calls = hold_every_stream_slot(server, job_id)
+    for call in calls:
+        call.cancel()
+    channel.close()
+    return len(calls)
 
 
 def test_reliability_hundreds_of_vanishing_clients_leave_nothing_behind(pki, tmp_path, gate, reliability_figures):
@@ -2726,9 +2738,7 @@ def test_reliability_hundreds_of_vanishing_clients_leave_nothing_behind(pki, tmp
             f"from {plateau.rss / MiB:.0f} MiB to {repeated.rss / MiB:.0f} MiB"
         # Clients that vanish in the middle of a unary call: Stops waiting out jobs that ignore SIGTERM (each says
         # when it gets one: its Stop is then under way in the server).
-        stubborn = [admin.Start(pb.StartRequest(command=py(
-            "import os, signal\nsignal.signal(signal.SIGTERM, lambda *_: os.write(1, b'term\\n'))\n"
-            "os.write(1, b'ready\\n')\nwhile True:\n    signal.pause()\n")), timeout=60).job_id for _ in range(20)]
+        stubborn = [admin.Start(pb.StartRequest(command=STUBBORN_JOB), timeout=60).job_id for _ in range(20)]
         for stubborn_id in stubborn:
             wait_for_output(admin, stubborn_id, b"ready\n")
         stoppers = [open_channel(server) for _ in stubborn]
@@ -2767,7 +2777,7 @@ def test_reliability_waits_hold_a_slot_each_and_give_it_back_however_their_clien
     job_id = admin.Start(pb.StartRequest(command=py(gate.hold())), timeout=60).job_id
     wait_for_output(admin, job_id, b"ready\n")
     request, slots, extra = pb.WaitRequest(job_id=job_id), open_every_stream_slot(server, job_id), 8
-    assert slots == (jobworker.Server.WORKERS - jobworker.Server.RESERVED) // 2
+    assert slots == (jobworker.Server.LONG_CALLS + jobworker.Server.ADMIN_SHARE) // 2  # an admin's, alone
     late = [admin.Wait.future(request, timeout=2) for _ in range(extra)]
     assert {status_of(wait.result).code for wait in late} == {Code.DEADLINE_EXCEEDED}
     proxy = CuttableProxy(server.addr)
@@ -2793,6 +2803,99 @@ def test_reliability_waits_hold_a_slot_each_and_give_it_back_however_their_clien
     gate.open()
     assert admin.Wait(request, timeout=60).exit_code == 0
     admin_channel.close()
+
+
+# -- callers that would starve the others ------------------------------------------------------------------------------
+
+CALLS_OF_ONE_CALLER = jobworker.Server.CALLS // 2  # unary calls a caller other than an admin may hold, alone
+
+
+def fire_stops(stub, job_id, count, refusals):
+    """`count` Stops with the longest grace, all at once from one channel, of a job that ignores SIGTERM: once at
+    least `refusals` of them have been refused (RESOURCE_EXHAUSTED, saying why), (those held, those refused)."""
+    calls = [stub.Stop.future(pb.StopRequest(job_id=job_id, timeout_seconds=3600), timeout=300)
+             for _ in range(count)]
+    assert wait_until(lambda: sum(call.done() for call in calls) >= refusals), "the server held every Stop"
+    done = [call.done() for call in calls]
+    refused = [call for call, ended in zip(calls, done) if ended]
+    for call in refused:
+        error = call.exception()
+        assert error.code() == Code.RESOURCE_EXHAUSTED and "calls in flight" in error.details(), error
+    return [call for call, ended in zip(calls, done) if not ended], refused
+
+
+STOPS = 500  # fired at once by one user, as the red team did (it fired 1,040)
+
+
+def test_reliability_a_user_holding_every_stop_it_may_leaves_an_admin_room_to_list_and_force_stop(pki, tmp_path,
+                                                                                                reliability_figures):
+    """The red team's attack, bounded: one user fires hundreds of Stops with an hour's grace at its job, which ignores
+    SIGTERM. The server holds the user's share and refuses the rest; every Stop joins the first (one SIGTERM); an
+    admin still lists and force-stops the job, which ends every Stop held."""
+    server, idle = idle_server(pki, str(tmp_path))
+    user_channel, user = open_channel(server, "user")
+    job_id = user.Start(pb.StartRequest(command=STUBBORN_JOB), timeout=60).job_id
+    wait_for_output(user, job_id, b"ready\n")
+    with PeakWatch(server.proc.pid) as watch:
+        held, refused = fire_stops(user, job_id, STOPS, STOPS - CALLS_OF_ONE_CALLER)
+        assert len(held) == CALLS_OF_ONE_CALLER, f"{len(held)} Stops held"
+        assert refused[0].exception().details().startswith(f"alice has {CALLS_OF_ONE_CALLER} calls in flight")
+        listed = server.cli("list", "--json")
+        assert listed.returncode == 0 and job_id in listed.stdout.decode(), listed.stderr
+        stopped = server.cli("stop", "--force", "--json", job_id)
+        assert stopped.returncode == 0 and json.loads(stopped.stdout)["signal"] == signal.SIGKILL, stopped.stderr
+        for call in held:
+            status = call.result(timeout=60)
+            assert status.state == pb.STOPPED and status.signal == signal.SIGKILL
+        assert read_stream(user, job_id).out == b"ready\nterm\n", "not one SIGTERM for all the Stops"
+        user_channel.close()
+        after = settle(server, idle)
+    record(f"stops: a user fires {STOPS} Stops (3600 s grace) at a job ignoring SIGTERM; an admin lists, force-stops",
+           1, f"{STOPS} calls on 1 connection, 2 admin CLI calls", 0, idle, watch.peak, after)
+    assert_settled("stops", idle, after, watch.peak)
+
+
+def test_reliability_cancelled_stops_give_their_calls_back_and_the_stop_goes_on_until_a_shorter_grace(pki, tmp_path):
+    """A Stop's wait ends when its client cancels it, and gives its call back; the job's stop goes on in the server,
+    and a later Stop with a shorter grace brings its SIGKILL closer."""
+    server = Server(pki, str(tmp_path))
+    user_channel, user = open_channel(server, "user")
+    job_id = user.Start(pb.StartRequest(command=STUBBORN_JOB), timeout=60).job_id
+    wait_for_output(user, job_id, b"ready\n")
+
+    def holds_every_call_it_may():
+        held, _ = fire_stops(user, job_id, CALLS_OF_ONE_CALLER + 8, 8)
+        for call in held:
+            call.cancel()
+        return len(held) == CALLS_OF_ONE_CALLER
+    assert holds_every_call_it_may()
+    assert wait_until(holds_every_call_it_may), "cancelled Stops kept their calls"
+    assert user.Query(pb.QueryRequest(job_id=job_id), timeout=60).state == pb.RUNNING
+    status = user.Stop(pb.StopRequest(job_id=job_id, timeout_seconds=0.5), timeout=60)
+    assert status.state == pb.STOPPED and status.signal == signal.SIGKILL
+    assert read_stream(user, job_id).out == b"ready\nterm\n", "not one SIGTERM for all the Stops"
+    user_channel.close()
+
+
+def test_reliability_two_callers_holding_every_stream_they_may_leave_some_for_a_third_and_an_admin(pki, tmp_path,
+                                                                                                  gate):
+    """A caller may hold half of the stream slots the others leave free: the first alone holds half of them, the
+    second a quarter, and a third caller and an admin still get streams."""
+    server = Server(pki, str(tmp_path))
+    job = py("print('x', flush=True)\n" + gate.hold(""))
+    jobs = {role: server.client(role).start(job) for role in ("user", "user2")}
+    held = [hold_every_stream_slot(server, jobs[role], role) for role in ("user", "user2")]
+    assert [len(calls) for _, calls in held] == [jobworker.Server.LONG_CALLS // 2, jobworker.Server.LONG_CALLS // 4]
+    for role in ("observer", "admin"):
+        channel, stub = open_channel(server, role)
+        assert next(stub.Stream(pb.StreamRequest(job_id=jobs["user"]), timeout=60)).data == b"x\n", role
+        channel.close()
+    for channel, calls in held:
+        for call in calls:
+            call.cancel()
+        channel.close()
+    gate.open()
+    gate.open()
 
 
 # -- faults in jobs ----------------------------------------------------------------------------------------------------
