@@ -429,6 +429,7 @@ class Server:
     WORKERS = 1024
     CALLS = LONG_CALLS = 480
     ADMIN_SHARE = 32
+    HANDSHAKE_TIMEOUT_MS = 5000  # for a connection's TLS handshake and HTTP/2 settings (gRPC's default: 120 s)
 
     def __init__(self, addr, cert, key, ca, data_dir, sandbox, policy, **keeping):
         self.audit = Audit(os.path.join(data_dir, "audit.log"))
@@ -444,12 +445,17 @@ class Server:
             raise
 
     def _serve(self, addr, cert, key, ca):
+        import resource
         options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0),
                    ("grpc.http2.bdp_probe", 0),  # else a client's oversized request grows our receive window first
                    # A client that vanished without closing its connection is found out within 20 s, and the call
                    # (and the thread) it held is released.
                    ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000),
-                   ("grpc.keepalive_permit_without_calls", 1)]
+                   ("grpc.keepalive_permit_without_calls", 1),
+                   # Connections that never finish their handshake go within seconds, and connections past half of
+                   # our descriptors are closed as they come: the other half is kept for jobs, their logs and pipes.
+                   ("grpc.server_handshake_timeout_ms", self.HANDSHAKE_TIMEOUT_MS),
+                   ("grpc.max_allowed_incoming_connections", resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)]
         pool = futures.ThreadPoolExecutor(self.WORKERS, initializer=name_this_thread, initargs=("rpc",))
         self._grpc = grpc.server(pool, options=options, maximum_concurrent_rpcs=self.WORKERS)
         servicer = Servicer(self.manager, CallSlots("calls in flight", self.CALLS, self.ADMIN_SHARE),

@@ -2898,6 +2898,40 @@ def test_reliability_two_callers_holding_every_stream_they_may_leave_some_for_a_
     gate.open()
 
 
+FLOOD = 600  # plain TCP connections that never say a word: more than the server's 512 descriptors
+
+
+def test_reliability_a_flood_of_connections_that_never_handshake_leaves_callers_served_and_is_closed(
+        pki, tmp_path, reliability_figures):
+    """A server with 512 descriptors keeps half of them from connections: a caller connected before the flood still
+    starts and streams a job, and the server closes every connection of the flood (past its share at once, the others
+    when the handshake's few seconds have passed: well before the recv timeout, half of gRPC's default 120 s)."""
+    server = Server(pki, str(tmp_path), prefix=("prlimit", "--nofile=512:512"))
+    assert wait_until(lambda: inits_ready(server))
+    idle = figures_of(server.proc.pid)
+    channel, admin = open_channel(server)
+    admin.List(pb.ListRequest(), timeout=60)
+    with PeakWatch(server.proc.pid) as watch:
+        flood = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in range(FLOOD)]
+        try:
+            job_id = admin.Start(pb.StartRequest(command=["echo", "served"]), timeout=60).job_id
+            assert read_stream(admin, job_id).out == b"served\n"
+            for sock in flood:
+                with contextlib.suppress(ConnectionResetError):
+                    assert sock.recv(1) == b""
+        finally:
+            for sock in flood:
+                sock.close()
+        channel.close()
+        channel, admin = open_channel(server)
+        assert admin.Query(pb.QueryRequest(job_id=job_id), timeout=60).exit_code == 0
+        channel.close()
+        after = settle(server, idle)
+    record(f"flood: {FLOOD} TCP connections that never handshake, to a server of 512 descriptors", 1,
+           f"{FLOOD} sockets, 1 caller", len(b"served\n"), idle, watch.peak, after)
+    assert_settled("flood", idle, after, watch.peak)
+
+
 # -- faults in jobs ----------------------------------------------------------------------------------------------------
 
 def test_reliability_a_job_that_closes_its_output_early_ends_its_stream_only_when_it_ends(admin, gate):
