@@ -1310,13 +1310,18 @@ class LimitPolicy:
     CONTROLLER = {"cpu_cores": "cpu", "memory_bytes": "memory", "io_read_bps": "io", "io_write_bps": "io",
                   "pids": "pids"}
     MIN_MEMORY = 4 << 20  # the job's init needs some
+    DEFAULT_PIDS = 1024   # processes and threads of a job that asks for no limit: a fork bomb stops there
 
     def __init__(self, defaults=None, maxima=None, available=()):
-        self.defaults = dict.fromkeys(LIMITS, 0)
-        self.defaults.update(defaults or {})
         self.maxima = {"cpu_cores": float(os.cpu_count() or 1), "memory_bytes": memory_total(),
                        "io_read_bps": 0, "io_write_bps": 0, "pids": 32768}
         self.maxima.update(maxima or {})
+        # Out of the box, no job can take the host's processes or more than a quarter of its memory; nor more than a
+        # --max says. CPU and disk time are shared by the kernel's schedulers among whoever wants them.
+        self.defaults = dict.fromkeys(LIMITS, 0)
+        for name, value in (("pids", self.DEFAULT_PIDS), ("memory_bytes", memory_total() // 4)):
+            self.defaults[name] = min(value, self.maxima[name] or value)
+        self.defaults.update(defaults or {})
         self.unavailable = {}  # controller -> why this server cannot enforce its limits, for the refusal
         self.available = set(available)
         for name, value in self.defaults.items():

@@ -1675,7 +1675,12 @@ def test_limit_policy_applies_defaults_only_where_none_was_asked_for_and_the_con
     assert policy.resolve({"memory_bytes": 32 * MiB}) == {**unset, "cpu_cores": 0.5, "memory_bytes": 32 * MiB}
     assert policy.resolve({"cpu_cores": 2.0, "memory_bytes": 256 * MiB}) == \
         {**unset, "cpu_cores": 2.0, "memory_bytes": 256 * MiB}  # a maximum itself is allowed
-    assert jobworker.LimitPolicy(available={"cpu", "memory", "io", "pids"}).resolve({}) == unset
+    every = {"cpu", "memory", "io", "pids"}
+    out_of_the_box = {**unset, "pids": 1024, "memory_bytes": jobworker.memory_total() // 4}
+    assert jobworker.LimitPolicy(available=every).resolve({}) == out_of_the_box
+    assert jobworker.LimitPolicy({"pids": 0, "memory_bytes": 0}, available=every).resolve({}) == unset  # turned off
+    assert jobworker.LimitPolicy(maxima={"memory_bytes": 64 * MiB, "pids": 10}, available=every).resolve({}) == \
+        {**unset, "pids": 10, "memory_bytes": 64 * MiB}  # no default above a maximum
 
 
 def test_limit_policy_refuses_what_is_over_a_maximum_unavailable_or_unusable():
@@ -1891,6 +1896,24 @@ def test_status_reports_the_isolation_that_applies(admin):
     assert set(isolation.namespaces) == {"pid", "mount", "network"}
     assert isolation.limits.memory_bytes == 64 << 20 and isolation.limits.cpu_cores == 0.5
     assert isolation.limits.pids == 100 and isolation.user == "nobody"
+
+
+@needs_root
+def test_a_job_that_asks_for_no_limit_runs_with_the_servers_default_processes_and_memory(server, admin, gate):
+    """Out of the box: 1024 processes and a quarter of the host's memory, in the status and in the job's cgroups."""
+    job_id = admin.start(py(gate.hold()))
+    wait_for_output(admin.stub, job_id, b"ready\n")
+    limits = admin.query(job_id).isolation.limits
+    assert (limits.pids, limits.memory_bytes, limits.cpu_cores) == (1024, HOST_MEMORY // 4, 0)
+    applied = {}
+    for group in (path for path in cgroups_of(server.proc.pid) if os.path.basename(path) == job_id):
+        for name in ("pids.max", "memory.max", "memory.limit_in_bytes"):
+            with contextlib.suppress(FileNotFoundError):
+                applied[name.split(".")[0]] = pathlib.Path(group, name).read_text().strip()
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert applied == {"pids": "1025", "memory": str(HOST_MEMORY // 4 // page * page)}  # pids: the init's one more
+    gate.open()
+    assert admin.wait(job_id).exit_code == 0
 
 
 @needs_root
