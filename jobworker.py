@@ -77,6 +77,7 @@ DEFAULT_KEEP_JOBS = 1000           # ended jobs kept, with their output (serve -
 DEFAULT_KEEP_FOR = 7 * 86400.0     # seconds an ended job is kept (serve --keep-for)
 DEFAULT_MAX_OUTPUT = 1 << 30       # bytes of output kept per job; the rest is dropped and counted (serve --max-output)
 DEFAULT_MIN_FREE = "2%"            # free space in the data directory under which Starts are refused (serve --min-free)
+DEFAULT_MAX_RUNNING = 100          # jobs a non-admin caller may have running at once (serve --max-running-per-caller)
 LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE = 100, 1000
 LIST_COMMAND_BYTES = 1024          # of each command List shows, so that a page stays small (Query shows all of it)
 
@@ -642,7 +643,7 @@ class Servicer:
         # neither competes with the Start for the CPU or the disk.
         context.add_callback(self.manager.pool.refill)
         job = self.manager.start(caller.identity, list(request.command), limits, dict(request.env),
-                                 request.working_directory or "/")
+                                 request.working_directory or "/", capped=caller.role != "admin")
         if not context.add_callback(lambda: self.manager.sync(job)):
             self.manager.sync(job)
         return pb.StartResponse(job_id=job.id, status=job.status())
@@ -768,12 +769,14 @@ class JobManager:
     are loaded from theirs."""
 
     def __init__(self, data_dir, sandbox, policy, retention=None, max_output=DEFAULT_MAX_OUTPUT,
-                 min_free=DEFAULT_MIN_FREE):
+                 min_free=DEFAULT_MIN_FREE, max_running=DEFAULT_MAX_RUNNING):
         jobs_dir = os.path.join(data_dir, "jobs")
         os.makedirs(jobs_dir, mode=0o700, exist_ok=True)
         self.sandbox, self.policy = sandbox, policy
         self.retention = retention or Retention()
         self.space = DiskSpace(jobs_dir, min_free)
+        self.max_running = max_running
+        self._running = {}  # owner -> its jobs running (and Starts under way)
         self._jobs = {}   # id -> Job, in the order they started
         self._numbered = 0
         self._lock = threading.Lock()
@@ -796,8 +799,9 @@ class JobManager:
         self._retainer.start()
         self._stopper = Stopper()
 
-    def start(self, owner, command, limits, env, working_directory):
-        """Starts a job: `env` holds the client's variables, on top of the base environment."""
+    def start(self, owner, command, limits, env, working_directory, capped=True):
+        """Starts a job: `env` holds the client's variables, on top of the base environment. `capped`: refused
+        (RESOURCE_EXHAUSTED) if its owner has max_running jobs running already."""
         if not command or not command[0]:
             raise Refused("INVALID_ARGUMENT", "the command is empty")
         if any("\0" in arg for arg in command):
@@ -808,7 +812,7 @@ class JobManager:
                                               f"{working_directory[:256]!r}")
         limits = self.policy.resolve(limits)
         self.space.check()
-        with self._under_way():
+        with self._under_way(), self._running_place(owner, capped):
             try:
                 init = self.pool.take()
                 with contextlib.ExitStack() as undo:  # everything a failed Start must release, in reverse order
@@ -866,6 +870,28 @@ class JobManager:
                 self._starting -= 1
                 self._no_start_under_way.notify_all()
 
+    @contextlib.contextmanager
+    def _running_place(self, owner, capped):
+        """Counts a Start among its owner's running jobs (uncounted when the job ends, or now if the Start fails)."""
+        with self._lock:
+            running = self._running.get(owner, 0)
+            if capped and running >= self.max_running:
+                raise Refused("RESOURCE_EXHAUSTED", f"{owner} has {running} jobs running, the most a caller may have "
+                                                    f"at once on this server: wait for one to end, or stop one")
+            self._running[owner] = running + 1
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self._not_running(owner)
+            raise
+
+    def _not_running(self, owner):
+        """Uncounts one of an owner's running jobs (under the lock)."""
+        self._running[owner] -= 1
+        if not self._running[owner]:
+            del self._running[owner]
+
     def get(self, job_id):
         return self._jobs.get(job_id)
 
@@ -911,6 +937,8 @@ class JobManager:
 
     def _finish(self, job):
         """On the teardown thread, once the job's init has exited: how it ended, its final record, and retention."""
+        with self._lock:
+            self._not_running(job.owner)  # before its end is told, so that its owner may start another job at once
         job.end()
         self._stopper.forget(job)
         with self._lock:
@@ -2991,7 +3019,7 @@ def serve(args):
     try:
         server = Server(args.addr, args.cert, args.key, args.ca, args.data_dir, sandbox, policy,
                         retention=Retention(args.keep_jobs, args.keep_for), max_output=args.max_output,
-                        min_free=args.min_free)
+                        min_free=args.min_free, max_running=args.max_running_per_caller)
     except BaseException:
         if sandbox.cgroups:  # this server's own directories, whatever failed
             sandbox.cgroups.close()
@@ -3303,6 +3331,9 @@ def build_parser():
     serve_.add_argument("--min-free", type=_min_free, default=DEFAULT_MIN_FREE, metavar="SIZE|N%",
                         help=f"free space in the data directory under which Starts are refused "
                              f"(default {DEFAULT_MIN_FREE})".replace("%", "%%"))  # argparse formats help with %
+    serve_.add_argument("--max-running-per-caller", type=_number(int, 1, 1 << 31), default=DEFAULT_MAX_RUNNING,
+                        metavar="N", help=f"jobs a caller may have running at once; admins are not held to it "
+                                          f"(default {DEFAULT_MAX_RUNNING})")
 
     run = _client_command(commands, "run", cli_run, "start a job, write its output and exit with its status; "
                           "Ctrl-C stops it, a second Ctrl-C kills it")

@@ -1117,6 +1117,22 @@ def test_role_matrix(server):
     assert {"ada", "alice"} <= owners["admin"] and owners["observer"] == owners["admin"]
 
 
+def test_a_caller_past_its_running_jobs_cap_is_refused_while_other_callers_and_admins_still_start(pki, tmp_path):
+    server = Server(pki, str(tmp_path), "--max-running-per-caller", "2")
+    user, admin = server.client("user"), server.client("admin")
+    held = [user.start(["sleep", "600"]) for _ in range(2)]
+    refusal = pytest.raises(grpc.RpcError, user.start, ["true"]).value
+    assert refusal.code() == Code.RESOURCE_EXHAUSTED
+    assert refusal.details() == "alice has 2 jobs running, the most a caller may have at once on this server: wait " \
+                                "for one to end, or stop one"
+    assert run_job(server.client("user2"), ["true"]).status.exit_code == 0
+    held += [admin.start(["sleep", "600"]) for _ in range(3)]  # admins are not held to it
+    assert user.stop(held[0], force=True).state == pb.STOPPED
+    assert run_job(user, ["true"]).status.exit_code == 0  # the stopped job's place is free again
+    for job_id in held:
+        admin.stop(job_id, force=True)
+
+
 def test_subject_parser_refuses_malformed_der():
     truncated = bytes.fromhex("3082")
     for der in (truncated, b"", b"\x30\x80", b"\x30\x84\x00\x00\x00\x01\x00", b"\x30\x81\x05abcde"):
