@@ -80,6 +80,7 @@ DEFAULT_KEEP_JOBS = 1000           # ended jobs kept, with their output (serve -
 DEFAULT_KEEP_FOR = 7 * 86400.0     # seconds an ended job is kept (serve --keep-for)
 DEFAULT_MAX_OUTPUT = 1 << 30       # bytes of output kept per job; the rest is dropped and counted (serve --max-output)
 DEFAULT_MIN_FREE = "2%"            # free space in the data directory under which Starts are refused (serve --min-free)
+DEFAULT_MAX_RUNNING = 100          # jobs a non-admin caller may have running at once (serve --max-running-per-caller)
 LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE = 100, 1000
 LIST_COMMAND_BYTES = 1024          # of each command List shows, so that a page stays small (Query shows all of it)
 
@@ -689,8 +690,13 @@ def _said_of_a_link(error, name, directory):
 class Server:
     """The gRPC server, its thread pool, and the JobManager behind it."""
 
-    WORKERS = 1024  # calls in flight at once; a stream or a wait holds its thread for as long as it lasts
-    RESERVED = 64   # threads streams and waits may not take, for the other calls
+    # Every call holds a thread while it runs (a stream or a wait, for as long as it lasts). Other callers than admins
+    # share CALLS of them for unary calls and LONG_CALLS for streams and waits; admins may take ADMIN_SHARE more of
+    # each, so that they can always List and Stop. The four add up to WORKERS, the most gRPC lets in at once.
+    WORKERS = 1024
+    CALLS = LONG_CALLS = 480
+    ADMIN_SHARE = 32
+    HANDSHAKE_TIMEOUT_MS = 5000  # for a connection's TLS handshake and HTTP/2 settings (gRPC's default: 120 s)
 
     def __init__(self, addr, cert, key, ca, data_dir, sandbox, policy, **keeping):
         self.audit = Audit(data_dir)
@@ -706,16 +712,21 @@ class Server:
             raise
 
     def _serve(self, addr, cert, key, ca):
+        import resource
         options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0),
                    ("grpc.http2.bdp_probe", 0),  # else a client's oversized request grows our receive window first
                    # A client that vanished without closing its connection is found out within 20 s, and the call
                    # (and the thread) it held is released.
                    ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000),
-                   ("grpc.keepalive_permit_without_calls", 1)]
+                   ("grpc.keepalive_permit_without_calls", 1),
+                   # Connections that never finish their handshake go within seconds, and connections past half of
+                   # our descriptors are closed as they come: the other half is kept for jobs, their logs and pipes.
+                   ("grpc.server_handshake_timeout_ms", self.HANDSHAKE_TIMEOUT_MS),
+                   ("grpc.max_allowed_incoming_connections", resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)]
         pool = futures.ThreadPoolExecutor(self.WORKERS, initializer=name_this_thread, initargs=("rpc",))
         self._grpc = grpc.server(pool, options=options, maximum_concurrent_rpcs=self.WORKERS)
-        long_calls = self.WORKERS - self.RESERVED
-        servicer = Servicer(self.manager, LongCallSlots(long_calls, long_calls // 2))
+        servicer = Servicer(self.manager, CallSlots("calls in flight", self.CALLS, self.ADMIN_SHARE),
+                            CallSlots("streams and waits open", self.LONG_CALLS, self.ADMIN_SHARE))
         self._grpc.add_generic_rpc_handlers((Guard(servicer, self.audit).handler(),))
         try:
             self.port = self._grpc.add_secure_port(addr, server_credentials(cert, key, ca))
@@ -942,61 +953,92 @@ class RefusalLimit:
         return counts
 
 
-class LongCallSlots:
-    """A cap on the calls that may last as long as a job (Stream, Wait), in all and per caller, so that they cannot take
-    the threads other calls need."""
+class CallSlots:
+    """Calls in flight, by caller, within a total, so that no caller can take the threads the others need. A caller
+    may hold at most half of the slots the other callers leave free: two callers never hold them all, nor does any
+    small number of them, and whoever comes next finds room. Admins may take `admin_share` slots more."""
 
-    def __init__(self, total, per_caller):
-        self.total, self.per_caller = total, per_caller
-        self._open = {}  # identity -> its streams open
+    def __init__(self, what, total, admin_share):
+        self.what, self.total, self.admin_share = what, total, admin_share
+        self._held = {}  # identity -> its calls in flight
+        self._in_flight = 0
         self._lock = threading.Lock()
 
-    def take(self, identity):
+    def take(self, caller):
         with self._lock:
-            if sum(self._open.values()) >= self.total or self._open.get(identity, 0) >= self.per_caller:
-                raise Refused("RESOURCE_EXHAUSTED", "too many streams and waits open; close some and try again")
-            self._open[identity] = self._open.get(identity, 0) + 1
+            own = self._held.get(caller.identity, 0)
+            left = self.total + (self.admin_share if caller.role == "admin" else 0) - (self._in_flight - own)
+            if 2 * own >= left:
+                raise Refused("RESOURCE_EXHAUSTED", f"{caller.identity} has {own} {self.what}, half of the {left} the "
+                                                    f"other callers leave free (a caller may hold no more): end some "
+                                                    f"and try again")
+            self._held[caller.identity] = own + 1
+            self._in_flight += 1
 
-    def give_back(self, identity):
+    def give_back(self, caller):
         with self._lock:
-            self._open[identity] -= 1
-            if not self._open[identity]:
-                del self._open[identity]
+            self._in_flight -= 1
+            self._held[caller.identity] -= 1
+            if not self._held[caller.identity]:
+                del self._held[caller.identity]
+
+    @contextlib.contextmanager
+    def held(self, caller):
+        self.take(caller)
+        try:
+            yield
+        finally:
+            self.give_back(caller)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # RPCs: each receives the Caller the Guard has authorized, checks the request, and asks the JobManager
 # ---------------------------------------------------------------------------------------------------------------------
 
+def _unary_call(method):
+    """A Servicer's RPC that holds one of its caller's slots of `calls` while it runs."""
+    def held(self, request, context, caller):
+        with self.calls.held(caller):
+            return method(self, request, context, caller)
+    return held
+
+
 class Servicer:
-    """The JobWorker RPCs."""
+    """The JobWorker RPCs. Each holds one of its caller's slots while it runs: a slot of `calls`, or of `long_calls`
+    for the calls that last as long as a job (Stream, Wait)."""
 
-    def __init__(self, manager, long_calls):
+    def __init__(self, manager, calls, long_calls):
         self.manager = manager
-        self.long_calls = long_calls
+        self.calls, self.long_calls = calls, long_calls
 
+    @_unary_call
     def Start(self, request, context, caller):
         limits = {name: getattr(request.limits, name) for name in LIMITS}
         # The pool makes the next init, and the job's record goes to the disk, once this answer has gone, so that
         # neither competes with the Start for the CPU or the disk.
         context.add_callback(self.manager.pool.refill)
         job = self.manager.start(caller.identity, list(request.command), limits, dict(request.env),
-                                 request.working_directory or self.manager.sandbox.working_directory)
+                                 request.working_directory or self.manager.sandbox.working_directory,
+                                 capped=caller.role != "admin")
         if not context.add_callback(lambda: self.manager.sync(job)):
             self.manager.sync(job)
         return pb.StartResponse(job_id=job.id, status=job.status())
 
+    @_unary_call
     def Stop(self, request, context, caller):
         job = self._visible(request.job_id, caller)
         grace = request.timeout_seconds if request.HasField("timeout_seconds") else DEFAULT_STOP_GRACE
         if not math.isfinite(grace) or not 0 <= grace <= MAX_STOP_GRACE:
             raise Refused("INVALID_ARGUMENT", f"timeout_seconds must be between 0 and {MAX_STOP_GRACE:g}")
         self.manager.stop(job, grace=0.0 if request.force else grace)
+        self._until_ended(job, context)
         return job.status()
 
+    @_unary_call
     def Query(self, request, context, caller):
         return self._visible(request.job_id, caller).status()
 
+    @_unary_call
     def List(self, request, context, caller):
         size = request.page_size or LIST_PAGE_SIZE
         if size > MAX_LIST_PAGE_SIZE:
@@ -1017,6 +1059,7 @@ class Servicer:
             response.next_page_token = str(jobs[-1].number)
         return response
 
+    @_unary_call
     def Remove(self, request, context, caller):
         job = self._visible(request.job_id, caller)
         self.manager.remove(job)
@@ -1026,12 +1069,12 @@ class Servicer:
         job = self._visible(request.job_id, caller)
         if job.outcome and request.offset > job.log.size:  # a running job may still get there
             raise Refused("OUT_OF_RANGE", f"offset {request.offset} is past the {job.log.size} bytes of output")
-        self.long_calls.take(caller.identity)
+        self.long_calls.take(caller)
         reader = LogReader(job.log, request.offset)
 
         def ended():  # however the call ends; a client that has gone away wakes its reader, which ends
             reader.cancel()
-            self.long_calls.give_back(caller.identity)
+            self.long_calls.give_back(caller)
         if not context.add_callback(ended):
             ended()
         return self._stream(job, reader, context)
@@ -1040,16 +1083,17 @@ class Servicer:
         job = self._visible(request.job_id, caller)
         if job.ended.is_set():
             return job.status()
-        self.long_calls.take(caller.identity)
-        try:
-            # Woken by the job's end, or by the call's (the client cancelled, its deadline passed, it went away), when
-            # what is returned goes nowhere.
-            woken = threading.Event()
-            if context.add_callback(woken.set):
-                job.wait(woken)
-        finally:
-            self.long_calls.give_back(caller.identity)
+        with self.long_calls.held(caller):
+            self._until_ended(job, context)
         return job.status()
+
+    @staticmethod
+    def _until_ended(job, context):
+        """Returns once the job has ended, or the call has (its client cancelled, its deadline passed, it went away),
+        when what is returned goes nowhere."""
+        woken = threading.Event()
+        if context.add_callback(woken.set):
+            job.wait(woken)
 
     @staticmethod
     def _stream(job, reader, context):
@@ -1101,11 +1145,13 @@ class JobManager:
     are loaded from theirs."""
 
     def __init__(self, data_dir, sandbox, policy, retention=None, max_output=DEFAULT_MAX_OUTPUT,
-                 min_free=DEFAULT_MIN_FREE):
+                 min_free=DEFAULT_MIN_FREE, max_running=DEFAULT_MAX_RUNNING):
         jobs_dir = data_dir.jobs  # a descriptor: see DataDirectory
         self.sandbox, self.policy = sandbox, policy
         self.retention = retention or Retention()
         self.space = DiskSpace(os.path.join(data_dir.path, "jobs"), min_free)
+        self.max_running = max_running
+        self._running = {}  # owner -> its jobs running (and Starts under way)
         self._jobs = {}   # id -> Job, in the order they started
         self._numbered = 0
         self._lock = threading.Lock()
@@ -1126,9 +1172,11 @@ class JobManager:
         self._syncer = futures.ThreadPoolExecutor(1, initializer=name_this_thread, initargs=("records",))
         self._retainer = threading.Thread(target=self._retain, name="retention", daemon=True)
         self._retainer.start()
+        self._stopper = Stopper()
 
-    def start(self, owner, command, limits, env, working_directory):
-        """Starts a job: `env` holds the client's variables, on top of the base environment."""
+    def start(self, owner, command, limits, env, working_directory, capped=True):
+        """Starts a job: `env` holds the client's variables, on top of the base environment. `capped`: refused
+        (RESOURCE_EXHAUSTED) if its owner has max_running jobs running already."""
         if not command or not command[0]:
             raise Refused("INVALID_ARGUMENT", "the command is empty")
         if any("\0" in arg for arg in command):
@@ -1139,7 +1187,7 @@ class JobManager:
                                               f"{working_directory[:256]!r}")
         limits = self.policy.resolve(limits)
         self.space.check()
-        with self._under_way():
+        with self._under_way(), self._running_place(owner, capped):
             try:
                 init = self.pool.take()
                 with contextlib.ExitStack() as undo:  # everything a failed Start must release, in reverse order
@@ -1197,6 +1245,28 @@ class JobManager:
                 self._starting -= 1
                 self._no_start_under_way.notify_all()
 
+    @contextlib.contextmanager
+    def _running_place(self, owner, capped):
+        """Counts a Start among its owner's running jobs (uncounted when the job ends, or now if the Start fails)."""
+        with self._lock:
+            running = self._running.get(owner, 0)
+            if capped and running >= self.max_running:
+                raise Refused("RESOURCE_EXHAUSTED", f"{owner} has {running} jobs running, the most a caller may have "
+                                                    f"at once on this server: wait for one to end, or stop one")
+            self._running[owner] = running + 1
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self._not_running(owner)
+            raise
+
+    def _not_running(self, owner):
+        """Uncounts one of an owner's running jobs (under the lock)."""
+        self._running[owner] -= 1
+        if not self._running[owner]:
+            del self._running[owner]
+
     def get(self, job_id):
         return self._jobs.get(job_id)
 
@@ -1221,8 +1291,9 @@ class JobManager:
         return found, False
 
     def stop(self, job, grace=DEFAULT_STOP_GRACE):
-        """Ends `job` (SIGTERM, then SIGKILL after `grace` seconds) and returns once every process of it is gone."""
-        self._end([job], grace)
+        """Asks `job` to end (SIGTERM, then SIGKILL after `grace` seconds), joining its stop in flight; returns at once:
+        job.ended tells when every process of it is gone."""
+        self._stopper.stop(job, grace)
 
     def remove(self, job):
         """Removes an ended job and its output now; a stream of it ends."""
@@ -1241,7 +1312,10 @@ class JobManager:
 
     def _finish(self, job):
         """On the teardown thread, once the job's init has exited: how it ended, its final record, and retention."""
+        with self._lock:
+            self._not_running(job.owner)  # before its end is told, so that its owner may start another job at once
         job.end()
+        self._stopper.forget(job)
         with self._lock:
             if self._jobs.get(job.id) is job:  # not yet added (_add does it then), or removed already
                 self._has_ended(job)
@@ -1271,7 +1345,9 @@ class JobManager:
         self.pool.close()  # a Start waiting for an init fails now; one that has its init ends within its deadline
         with self._lock:
             self._no_start_under_way.wait_for(lambda: not self._starting)
-        self._end(self.jobs(), SHUTDOWN_GRACE)
+        for job in self.jobs():
+            self._stopper.stop(job, SHUTDOWN_GRACE)
+        self._stopper.close()  # once every job has ended, or its last escalation has passed
         self._pump.stop()
         self._teardown.shutdown(wait=True)  # every job's final record is written
         self._syncer.shutdown(wait=True)
@@ -1280,25 +1356,79 @@ class JobManager:
         if self.sandbox.cgroups:
             self.sandbox.cgroups.close()
 
-    @staticmethod
-    def _end(jobs, grace):
-        """SIGTERM; SIGKILL after `grace` seconds (at once if 0); after KILL_GRACE more, SIGKILL to the init itself
-        (a job without a PID namespace can stop its init). Returns once every job has ended, at most grace plus twice
-        KILL_GRACE later."""
-        jobs = [job for job in jobs if not job.ended.is_set()]
-        for job in jobs:
-            job.stop_requested = True
-            if grace:
-                job.init.signal(signal.SIGTERM)
-        for escalate, within in ((InitHandle.kill, grace), (InitHandle.kill_init, KILL_GRACE), (None, KILL_GRACE)):
-            deadline = time.monotonic() + within
-            for job in jobs:
-                if job.ended.wait(max(0.0, deadline - time.monotonic())):
+
+class Stopper:
+    """Stops jobs, on a thread of its own: SIGTERM at a job's first Stop, SIGKILL once the shortest grace any of its
+    Stops asked for has passed (at once for a force Stop), and KILL_GRACE later SIGKILL to its init too (a job without a
+    PID namespace can stop its init). A later Stop joins the one in flight: one timeline per job, however many wait."""
+
+    ESCALATIONS = ("kill", "kill_init", None)  # of its InitHandle; None: the job has not ended, although all was done
+
+    def __init__(self):
+        self._due = {}  # Job -> [when its next escalation is due (time.monotonic()), which]
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="stops", daemon=True)
+        self._thread.start()
+
+    def stop(self, job, grace):
+        with self._changed:
+            if job.ended.is_set():
+                return
+            when = time.monotonic() + grace
+            due = self._due.get(job)
+            first = due is None
+            if first:
+                job.stop_requested = True
+                self._due[job] = [when, 0]
+            elif due[1] == 0 and when < due[0]:  # a shorter grace brings the SIGKILL closer; a longer one, nothing
+                due[0] = when
+            self._changed.notify()
+        if first and grace:
+            job.init.signal(signal.SIGTERM)
+
+    def forget(self, job):
+        """Called once the job has ended."""
+        with self._changed:
+            self._due.pop(job, None)
+            self._changed.notify()
+
+    def close(self):
+        """Returns once every job asked to stop has ended or run out of escalations (at most 2 × KILL_GRACE after its
+        grace), and the thread has gone."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join()
+
+    def _run(self):
+        name_this_thread("stops")
+        while True:
+            with self._changed:
+                while not (due := self._next_due()):
+                    if self._closed and not self._due:
+                        return
+                    soonest = min((when for when, _ in self._due.values()), default=None)
+                    self._changed.wait(None if soonest is None else soonest - time.monotonic())
+            for job, escalation in due:
+                if job.ended.is_set():
                     continue
-                if escalate:
-                    escalate(job.init)
+                if escalation:
+                    getattr(job.init, escalation)()
                 else:
                     logging.error("job %s has not ended, although its init was killed", job.id)
+
+    def _next_due(self):
+        """The escalations due now, each job's next one scheduled (under the lock): [(job, escalation)]."""
+        now, due = time.monotonic(), []
+        for job, (when, which) in list(self._due.items()):
+            if when <= now:
+                due.append((job, self.ESCALATIONS[which]))
+                if which + 1 < len(self.ESCALATIONS):
+                    self._due[job] = [now + KILL_GRACE, which + 1]
+                else:
+                    del self._due[job]
+        return due
 
 
 MAX_VARIABLES_BYTES = 64 * 1024  # the client's variables, as KEY=VALUE\0; the kernel takes 128 KiB in one string
@@ -1590,13 +1720,18 @@ class LimitPolicy:
     CONTROLLER = {"cpu_cores": "cpu", "memory_bytes": "memory", "io_read_bps": "io", "io_write_bps": "io",
                   "pids": "pids"}
     MIN_MEMORY = 4 << 20  # the job's init needs some
+    DEFAULT_PIDS = 1024   # processes and threads of a job that asks for no limit: a fork bomb stops there
 
     def __init__(self, defaults=None, maxima=None, available=()):
-        self.defaults = dict.fromkeys(LIMITS, 0)
-        self.defaults.update(defaults or {})
         self.maxima = {"cpu_cores": float(os.cpu_count() or 1), "memory_bytes": memory_total(),
                        "io_read_bps": 0, "io_write_bps": 0, "pids": 32768}
         self.maxima.update(maxima or {})
+        # Out of the box, no job can take the host's processes or more than a quarter of its memory; nor more than a
+        # --max says. CPU and disk time are shared by the kernel's schedulers among whoever wants them.
+        self.defaults = dict.fromkeys(LIMITS, 0)
+        for name, value in (("pids", self.DEFAULT_PIDS), ("memory_bytes", memory_total() // 4)):
+            self.defaults[name] = min(value, self.maxima[name] or value)
+        self.defaults.update(defaults or {})
         self.unavailable = {}  # controller -> why this server cannot enforce its limits, for the refusal
         self.available = set(available)
         for name, value in self.defaults.items():
@@ -3420,7 +3555,7 @@ def serve(args):
     try:
         server = Server(args.addr, args.cert, args.key, args.ca, data_dir, sandbox, policy,
                         retention=Retention(args.keep_jobs, args.keep_for), max_output=args.max_output,
-                        min_free=args.min_free)
+                        min_free=args.min_free, max_running=args.max_running_per_caller)
     except BaseException:
         if sandbox.cgroups:  # this server's own directories, whatever failed
             sandbox.cgroups.close()
@@ -3736,7 +3871,10 @@ def build_parser():
                         metavar="SIZE", help="output kept per job; the rest is dropped and counted (default 1G)")
     serve_.add_argument("--min-free", type=_min_free, default=DEFAULT_MIN_FREE, metavar="SIZE|N%",
                         help=f"free space in the data directory under which Starts are refused "
-                             f"(default {DEFAULT_MIN_FREE})")
+                             f"(default {DEFAULT_MIN_FREE})".replace("%", "%%"))  # argparse formats help with %
+    serve_.add_argument("--max-running-per-caller", type=_number(int, 1, 1 << 31), default=DEFAULT_MAX_RUNNING,
+                        metavar="N", help=f"jobs a caller may have running at once; admins are not held to it "
+                                          f"(default {DEFAULT_MAX_RUNNING})")
 
     run = _client_command(commands, "run", cli_run, "start a job, write its output and exit with its status; "
                           "Ctrl-C stops it, a second Ctrl-C kills it")

@@ -1425,6 +1425,22 @@ def test_a_cas_certificate_or_a_blank_cn_is_no_callers_identity(server, pki):
         jobworker.read_certificate(memoryview(der.replace(basic_constraints, basic_constraints[:-1] + b"\x01")))
 
 
+def test_a_caller_past_its_running_jobs_cap_is_refused_while_other_callers_and_admins_still_start(pki, tmp_path):
+    server = Server(pki, str(tmp_path), "--max-running-per-caller", "2")
+    user, admin = server.client("user"), server.client("admin")
+    held = [user.start(["sleep", "600"]) for _ in range(2)]
+    refusal = pytest.raises(grpc.RpcError, user.start, ["true"]).value
+    assert refusal.code() == Code.RESOURCE_EXHAUSTED
+    assert refusal.details() == "alice has 2 jobs running, the most a caller may have at once on this server: wait " \
+                                "for one to end, or stop one"
+    assert run_job(server.client("user2"), ["true"]).status.exit_code == 0
+    held += [admin.start(["sleep", "600"]) for _ in range(3)]  # admins are not held to it
+    assert user.stop(held[0], force=True).state == pb.STOPPED
+    assert run_job(user, ["true"]).status.exit_code == 0  # the stopped job's place is free again
+    for job_id in held:
+        admin.stop(job_id, force=True)
+
+
 def test_subject_parser_refuses_malformed_der():
     truncated = bytes.fromhex("3082")
     for der in (truncated, b"", b"\x30\x80", b"\x30\x84\x00\x00\x00\x01\x00", b"\x30\x81\x05abcde"):
@@ -1756,6 +1772,8 @@ def test_every_flag_of_every_subcommand_says_what_it_is_for():
     silent = [f"{name} {action.option_strings or action.dest}" for name, subcommand in subcommands.items()
               for action in subcommand._actions if not isinstance(action, argparse._HelpAction) and not action.help]
     assert not silent, f"without a help string: {silent}"
+    for name, subcommand in subcommands.items():
+        assert "--help" in subcommand.format_help(), name  # argparse formats help with %: a bare one breaks --help
 
 
 def test_cli_query_and_list_describe_a_job_ended_by_a_realtime_signal(server, admin):
@@ -2051,7 +2069,12 @@ def test_limit_policy_applies_defaults_only_where_none_was_asked_for_and_the_con
     assert policy.resolve({"memory_bytes": 32 * MiB}) == {**unset, "cpu_cores": 0.5, "memory_bytes": 32 * MiB}
     assert policy.resolve({"cpu_cores": 2.0, "memory_bytes": 256 * MiB}) == \
         {**unset, "cpu_cores": 2.0, "memory_bytes": 256 * MiB}  # a maximum itself is allowed
-    assert jobworker.LimitPolicy(available={"cpu", "memory", "io", "pids"}).resolve({}) == unset
+    every = {"cpu", "memory", "io", "pids"}
+    out_of_the_box = {**unset, "pids": 1024, "memory_bytes": jobworker.memory_total() // 4}
+    assert jobworker.LimitPolicy(available=every).resolve({}) == out_of_the_box
+    assert jobworker.LimitPolicy({"pids": 0, "memory_bytes": 0}, available=every).resolve({}) == unset  # turned off
+    assert jobworker.LimitPolicy(maxima={"memory_bytes": 64 * MiB, "pids": 10}, available=every).resolve({}) == \
+        {**unset, "pids": 10, "memory_bytes": 64 * MiB}  # no default above a maximum
 
 
 def test_limit_policy_refuses_what_is_over_a_maximum_unavailable_or_unusable():
@@ -2447,6 +2470,24 @@ def test_a_process_elsewhere_holding_a_jobs_output_pipe_cannot_keep_it_running_o
     with open(f"/proc/{pid}/fd/1", "wb", buffering=0):
         stopped = admin.stop(deaf, timeout=0.5)  # returns once the kill has ended it, the pipe still held
         assert stopped.state == pb.STOPPED and stopped.signal == signal.SIGKILL
+
+
+@needs_root
+def test_a_job_that_asks_for_no_limit_runs_with_the_servers_default_processes_and_memory(server, admin, gate):
+    """Out of the box: 1024 processes and a quarter of the host's memory, in the status and in the job's cgroups."""
+    job_id = admin.start(py(gate.hold()))
+    wait_for_output(admin.stub, job_id, b"ready\n")
+    limits = admin.query(job_id).isolation.limits
+    assert (limits.pids, limits.memory_bytes, limits.cpu_cores) == (1024, HOST_MEMORY // 4, 0)
+    applied = {}
+    for group in (path for path in cgroups_of(server.proc.pid) if os.path.basename(path) == job_id):
+        for name in ("pids.max", "memory.max", "memory.limit_in_bytes"):
+            with contextlib.suppress(FileNotFoundError):
+                applied[name.split(".")[0]] = pathlib.Path(group, name).read_text().strip()
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert applied == {"pids": "1025", "memory": str(HOST_MEMORY // 4 // page * page)}  # pids: the init's one more
+    gate.open()
+    assert admin.wait(job_id).exit_code == 0
 
 
 @needs_root
@@ -3186,6 +3227,8 @@ def test_reliability_clients_that_stop_reading_slow_neither_the_job_nor_other_cl
     assert_settled("stuck clients", idle, after, watch.peak)
 
 
+STUBBORN_JOB = py("import os, signal\nsignal.signal(signal.SIGTERM, lambda *_: os.write(1, b'term\\n'))\n"
+                  "os.write(1, b'ready\\n')\nwhile True:\n    signal.pause()\n")  # says each SIGTERM, and runs on
 PARTIAL_CLIENT_HELLO = bytes.fromhex("16030100c8010000c40303") + bytes(16)  # announces 200 bytes, sends 27
 
 
@@ -3216,10 +3259,10 @@ def vanish_at_the_transport(server, how, context):
         sock.close()
 
 
-def open_every_stream_slot(server, job_id):
-    """Opens streams of `job_id` (which must have output) until the server refuses one: the caller has every stream
-    it may have; closes them and returns how many were open."""
-    channel, stub = open_channel(server)
+def hold_every_stream_slot(server, job_id, credentials="admin"):
+    """Opens streams of `job_id` (which must have output) as `credentials` until the server refuses one: the caller
+    has every stream it may have. Returns its channel and those streams, open."""
+    channel, stub = open_channel(server, credentials)
     calls = []
     try:
         while len(calls) < RPC_POOL:
@@ -3227,12 +3270,22 @@ def open_every_stream_slot(server, job_id):
             code = status_of(lambda: next(calls[-1])).code
             if code != OK:
                 assert code == Code.RESOURCE_EXHAUSTED, code
-                return len(calls) - 1
+                return channel, calls[:-1]
         raise AssertionError(f"{len(calls)} streams of one caller, and the server took them all")
-    finally:
+    except BaseException:
         for call in calls:
             call.cancel()
         channel.close()
+        raise
+
+
+def open_every_stream_slot(server, job_id):
+    """Opens every stream an admin may have of `job_id`, closes them, and returns how many were open."""
+    channel, calls = hold_every_stream_slot(server, job_id)
+    for call in calls:
+        call.cancel()
+    channel.close()
+    return len(calls)
 
 
 def test_reliability_hundreds_of_vanishing_clients_leave_nothing_behind(pki, tmp_path, gate, reliability_figures):
@@ -3289,9 +3342,7 @@ def test_reliability_hundreds_of_vanishing_clients_leave_nothing_behind(pki, tmp
             f"from {plateau.rss / MiB:.0f} MiB to {repeated.rss / MiB:.0f} MiB"
         # Clients that vanish in the middle of a unary call: Stops waiting out jobs that ignore SIGTERM (each says
         # when it gets one: its Stop is then under way in the server).
-        stubborn = [admin.Start(pb.StartRequest(command=py(
-            "import os, signal\nsignal.signal(signal.SIGTERM, lambda *_: os.write(1, b'term\\n'))\n"
-            "os.write(1, b'ready\\n')\nwhile True:\n    signal.pause()\n")), timeout=60).job_id for _ in range(20)]
+        stubborn = [admin.Start(pb.StartRequest(command=STUBBORN_JOB), timeout=60).job_id for _ in range(20)]
         for stubborn_id in stubborn:
             wait_for_output(admin, stubborn_id, b"ready\n")
         stoppers = [open_channel(server) for _ in stubborn]
@@ -3330,7 +3381,7 @@ def test_reliability_waits_hold_a_slot_each_and_give_it_back_however_their_clien
     job_id = admin.Start(pb.StartRequest(command=py(gate.hold())), timeout=60).job_id
     wait_for_output(admin, job_id, b"ready\n")
     request, slots, extra = pb.WaitRequest(job_id=job_id), open_every_stream_slot(server, job_id), 8
-    assert slots == (jobworker.Server.WORKERS - jobworker.Server.RESERVED) // 2
+    assert slots == (jobworker.Server.LONG_CALLS + jobworker.Server.ADMIN_SHARE) // 2  # an admin's, alone
     late = [admin.Wait.future(request, timeout=2) for _ in range(extra)]
     assert {status_of(wait.result).code for wait in late} == {Code.DEADLINE_EXCEEDED}
     proxy = CuttableProxy(server.addr)
@@ -3356,6 +3407,133 @@ def test_reliability_waits_hold_a_slot_each_and_give_it_back_however_their_clien
     gate.open()
     assert admin.Wait(request, timeout=60).exit_code == 0
     admin_channel.close()
+
+
+# -- callers that would starve the others ------------------------------------------------------------------------------
+
+CALLS_OF_ONE_CALLER = jobworker.Server.CALLS // 2  # unary calls a caller other than an admin may hold, alone
+
+
+def fire_stops(stub, job_id, count, refusals):
+    """`count` Stops with the longest grace, all at once from one channel, of a job that ignores SIGTERM: once at
+    least `refusals` of them have been refused (RESOURCE_EXHAUSTED, saying why), (those held, those refused)."""
+    calls = [stub.Stop.future(pb.StopRequest(job_id=job_id, timeout_seconds=3600), timeout=300)
+             for _ in range(count)]
+    assert wait_until(lambda: sum(call.done() for call in calls) >= refusals), "the server held every Stop"
+    done = [call.done() for call in calls]
+    refused = [call for call, ended in zip(calls, done) if ended]
+    for call in refused:
+        error = call.exception()
+        assert error.code() == Code.RESOURCE_EXHAUSTED and "calls in flight" in error.details(), error
+    return [call for call, ended in zip(calls, done) if not ended], refused
+
+
+STOPS = 500  # fired at once by one user, as the red team did (it fired 1,040)
+
+
+def test_reliability_a_user_holding_every_stop_it_may_leaves_an_admin_room_to_list_and_force_stop(pki, tmp_path,
+                                                                                                reliability_figures):
+    """The red team's attack, bounded: one user fires hundreds of Stops with an hour's grace at its job, which ignores
+    SIGTERM. The server holds the user's share and refuses the rest; every Stop joins the first (one SIGTERM); an
+    admin still lists and force-stops the job, which ends every Stop held."""
+    server, idle = idle_server(pki, str(tmp_path))
+    user_channel, user = open_channel(server, "user")
+    job_id = user.Start(pb.StartRequest(command=STUBBORN_JOB), timeout=60).job_id
+    wait_for_output(user, job_id, b"ready\n")
+    with PeakWatch(server.proc.pid) as watch:
+        held, refused = fire_stops(user, job_id, STOPS, STOPS - CALLS_OF_ONE_CALLER)
+        assert len(held) == CALLS_OF_ONE_CALLER, f"{len(held)} Stops held"
+        assert refused[0].exception().details().startswith(f"alice has {CALLS_OF_ONE_CALLER} calls in flight")
+        listed = server.cli("list", "--json")
+        assert listed.returncode == 0 and job_id in listed.stdout.decode(), listed.stderr
+        stopped = server.cli("stop", "--force", "--json", job_id)
+        assert stopped.returncode == 0 and json.loads(stopped.stdout)["signal"] == signal.SIGKILL, stopped.stderr
+        for call in held:
+            status = call.result(timeout=60)
+            assert status.state == pb.STOPPED and status.signal == signal.SIGKILL
+        assert read_stream(user, job_id).out == b"ready\nterm\n", "not one SIGTERM for all the Stops"
+        user_channel.close()
+        after = settle(server, idle)
+    record(f"stops: a user fires {STOPS} Stops (3600 s grace) at a job ignoring SIGTERM; an admin lists, force-stops",
+           1, f"{STOPS} calls on 1 connection, 2 admin CLI calls", 0, idle, watch.peak, after)
+    assert_settled("stops", idle, after, watch.peak)
+
+
+def test_reliability_cancelled_stops_give_their_calls_back_and_the_stop_goes_on_until_a_shorter_grace(pki, tmp_path):
+    """A Stop's wait ends when its client cancels it, and gives its call back; the job's stop goes on in the server,
+    and a later Stop with a shorter grace brings its SIGKILL closer."""
+    server = Server(pki, str(tmp_path))
+    user_channel, user = open_channel(server, "user")
+    job_id = user.Start(pb.StartRequest(command=STUBBORN_JOB), timeout=60).job_id
+    wait_for_output(user, job_id, b"ready\n")
+
+    def holds_every_call_it_may():
+        held, _ = fire_stops(user, job_id, CALLS_OF_ONE_CALLER + 8, 8)
+        for call in held:
+            call.cancel()
+        return len(held) == CALLS_OF_ONE_CALLER
+    assert holds_every_call_it_may()
+    assert wait_until(holds_every_call_it_may), "cancelled Stops kept their calls"
+    assert user.Query(pb.QueryRequest(job_id=job_id), timeout=60).state == pb.RUNNING
+    status = user.Stop(pb.StopRequest(job_id=job_id, timeout_seconds=0.5), timeout=60)
+    assert status.state == pb.STOPPED and status.signal == signal.SIGKILL
+    assert read_stream(user, job_id).out == b"ready\nterm\n", "not one SIGTERM for all the Stops"
+    user_channel.close()
+
+
+def test_reliability_two_callers_holding_every_stream_they_may_leave_some_for_a_third_and_an_admin(pki, tmp_path,
+                                                                                                  gate):
+    """A caller may hold half of the stream slots the others leave free: the first alone holds half of them, the
+    second a quarter, and a third caller and an admin still get streams."""
+    server = Server(pki, str(tmp_path))
+    job = py("print('x', flush=True)\n" + gate.hold(""))
+    jobs = {role: server.client(role).start(job) for role in ("user", "user2")}
+    held = [hold_every_stream_slot(server, jobs[role], role) for role in ("user", "user2")]
+    assert [len(calls) for _, calls in held] == [jobworker.Server.LONG_CALLS // 2, jobworker.Server.LONG_CALLS // 4]
+    for role in ("observer", "admin"):
+        channel, stub = open_channel(server, role)
+        assert next(stub.Stream(pb.StreamRequest(job_id=jobs["user"]), timeout=60)).data == b"x\n", role
+        channel.close()
+    for channel, calls in held:
+        for call in calls:
+            call.cancel()
+        channel.close()
+    gate.open()
+    gate.open()
+
+
+FLOOD = 600  # plain TCP connections that never say a word: more than the server's 512 descriptors
+
+
+def test_reliability_a_flood_of_connections_that_never_handshake_leaves_callers_served_and_is_closed(
+        pki, tmp_path, reliability_figures):
+    """A server with 512 descriptors keeps half of them from connections: a caller connected before the flood still
+    starts and streams a job, and the server closes every connection of the flood (past its share at once, the others
+    when the handshake's few seconds have passed: well before the recv timeout, half of gRPC's default 120 s)."""
+    server = Server(pki, str(tmp_path), prefix=("prlimit", "--nofile=512:512"))
+    assert wait_until(lambda: inits_ready(server))
+    idle = figures_of(server.proc.pid)
+    channel, admin = open_channel(server)
+    admin.List(pb.ListRequest(), timeout=60)
+    with PeakWatch(server.proc.pid) as watch:
+        flood = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in range(FLOOD)]
+        try:
+            job_id = admin.Start(pb.StartRequest(command=["echo", "served"]), timeout=60).job_id
+            assert read_stream(admin, job_id).out == b"served\n"
+            for sock in flood:
+                with contextlib.suppress(ConnectionResetError):
+                    assert sock.recv(1) == b""
+        finally:
+            for sock in flood:
+                sock.close()
+        channel.close()
+        channel, admin = open_channel(server)
+        assert admin.Query(pb.QueryRequest(job_id=job_id), timeout=60).exit_code == 0
+        channel.close()
+        after = settle(server, idle)
+    record(f"flood: {FLOOD} TCP connections that never handshake, to a server of 512 descriptors", 1,
+           f"{FLOOD} sockets, 1 caller", len(b"served\n"), idle, watch.peak, after)
+    assert_settled("flood", idle, after, watch.peak)
 
 
 # -- faults in jobs ----------------------------------------------------------------------------------------------------
