@@ -55,6 +55,7 @@ grpc = _ImportedOnFirstUse("grpc")
 pb = _ImportedOnFirstUse("gen.jobworker_pb2")
 pb_grpc = _ImportedOnFirstUse("gen.jobworker_pb2_grpc")
 json_format = _ImportedOnFirstUse("google.protobuf.json_format")
+resource = _ImportedOnFirstUse("resource")
 argparse = _ImportedOnFirstUse("argparse")
 futures = _ImportedOnFirstUse("concurrent.futures")
 hashlib = _ImportedOnFirstUse("hashlib")
@@ -712,7 +713,6 @@ class Server:
             raise
 
     def _serve(self, addr, cert, key, ca):
-        import resource
         options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0),
                    ("grpc.http2.bdp_probe", 0),  # else a client's oversized request grows our receive window first
                    # A client that vanished without closing its connection is found out within 20 s, and the call
@@ -3572,7 +3572,6 @@ def serve(args):
 
 
 def _raise_fd_limit():
-    import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # each running job holds a few descriptors

@@ -797,7 +797,8 @@ def test_every_refused_call_is_audited_with_the_callers_subject_and_fingerprint(
                 refused = pytest.raises(grpc.RpcError, call).value
                 refusals[name, action] = refused.code().name, refused.details()
     assert {key: code for key, (code, _) in refusals.items()} == {
-        **{("user", action): "NOT_FOUND" for action in ("query", "stream", "wait")}, ("user", "list"): "INVALID_ARGUMENT",
+        **{("user", action): "NOT_FOUND" for action in ("query", "stream", "wait")},
+        ("user", "list"): "INVALID_ARGUMENT",
         **{("roleless", action): "PERMISSION_DENIED" for action in ("query", "stream", "wait", "list")}}
     entries = audit_entries(server)
     for (name, action), (code, message) in refusals.items():
@@ -1431,8 +1432,8 @@ def test_a_caller_past_its_running_jobs_cap_is_refused_while_other_callers_and_a
     held = [user.start(["sleep", "600"]) for _ in range(2)]
     refusal = pytest.raises(grpc.RpcError, user.start, ["true"]).value
     assert refusal.code() == Code.RESOURCE_EXHAUSTED
-    assert refusal.details() == "alice has 2 jobs running, the most a caller may have at once on this server: wait " \
-                                "for one to end, or stop one"
+    assert refusal.details() == ("O=jobworker,OU=user,CN=alice has 2 jobs running, the most a caller may have at once "
+                                 "on this server: wait for one to end, or stop one")
     assert run_job(server.client("user2"), ["true"]).status.exit_code == 0
     held += [admin.start(["sleep", "600"]) for _ in range(3)]  # admins are not held to it
     assert user.stop(held[0], force=True).state == pb.STOPPED
@@ -3443,7 +3444,8 @@ def test_reliability_a_user_holding_every_stop_it_may_leaves_an_admin_room_to_li
     with PeakWatch(server.proc.pid) as watch:
         held, refused = fire_stops(user, job_id, STOPS, STOPS - CALLS_OF_ONE_CALLER)
         assert len(held) == CALLS_OF_ONE_CALLER, f"{len(held)} Stops held"
-        assert refused[0].exception().details().startswith(f"alice has {CALLS_OF_ONE_CALLER} calls in flight")
+        assert refused[0].exception().details().startswith(
+            f"O=jobworker,OU=user,CN=alice has {CALLS_OF_ONE_CALLER} calls in flight")
         listed = server.cli("list", "--json")
         assert listed.returncode == 0 and job_id in listed.stdout.decode(), listed.stderr
         stopped = server.cli("stop", "--force", "--json", job_id)
