@@ -74,7 +74,7 @@ certs/%.key:
 
 certs/ca.pem: certs/ca.key
 	openssl req -x509 -new -sha256 -days 3650 -key $< -subj "/O=jobworker/CN=jobworker CA" \
-	  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" -out $@
+	  -addext "basicConstraints=critical,CA:TRUE,pathlen:0" -addext "keyUsage=critical,keyCertSign,cRLSign" -out $@
 
 certs/server.pem: certs/server.key certs/ca.pem
 	printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n' > $@.ext
@@ -82,7 +82,7 @@ certs/server.pem: certs/server.key certs/ca.pem
 	  -CA certs/ca.pem -CAkey certs/ca.key -set_serial 0x$$(openssl rand -hex 16) -extfile $@.ext -out $@ 2>/dev/null
 	rm -f $@.ext
 
-# One client certificate per role: the role is the subject's OU, the identity its CN.
+# One client certificate per role: the role is the subject's OU, the identity the whole subject.
 certs/%.pem: certs/%.key certs/ca.pem
 	printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' > $@.ext
 	openssl req -new -key $< -subj "/O=jobworker/OU=$*/CN=$*" | openssl x509 -req -sha256 -days $(DAYS) \
