@@ -1460,6 +1460,12 @@ def main(argv):
         return ceiling_server_main(*argv[1:])
     if argv[:1] == ["--fanout-worker"]:
         return fanout_worker_main(*argv[1:])
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    if argv:  # a mistake, and a whole run takes minutes
+        print(f"bench_jobworker.py: unknown arguments {argv} (see --help)", file=sys.stderr)
+        return 2
     return bench()
 
 
