@@ -1625,23 +1625,25 @@ def test_cli_run_leaves_at_a_third_ctrl_c_when_the_server_does_not_answer(pki, t
     """On a terminal, each Ctrl-C says what it did (and so the test knows when the CLI has had it: signals sent at
     once would arrive as one)."""
     server = Server(pki, str(tmp_path))
-    terminal, its_end = os.openpty()
+    ours, its_end = os.openpty()
     cli = subprocess.Popen(server.cli_argv("run", "--", "sh", "-c", f"echo ready; sleep {marker()}"),
                            stdout=subprocess.PIPE, stderr=its_end)
     os.close(its_end)
+    terminal = os.fdopen(ours, "rb")
     try:
         assert read_exactly(cli.stdout, 6) == b"ready\n"
         server.proc.send_signal(signal.SIGSTOP)  # a server that has hung
         try:
             for said in (b"stopping the job (again to kill it)", b"killing the job (again to leave without waiting)"):
                 cli.send_signal(signal.SIGINT)
-                assert os.read(terminal, 1000) == b"jobworker: " + said + b"\r\n"
+                line = b"jobworker: " + said + b"\r\n"
+                assert read_exactly(terminal, len(line)) == line  # a read may return part of it
             cli.send_signal(signal.SIGINT)
             assert cli.wait(60) == 130 and cli.stdout.read() == b""
         finally:
             server.proc.send_signal(signal.SIGCONT)
     finally:
-        os.close(terminal)
+        terminal.close()
         cli.stdout.close()
 
 
