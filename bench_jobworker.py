@@ -20,6 +20,7 @@ every ratio to its baseline and every target's outcome, so that runs can be comp
                output sizes
     scale      many `sleep 60` jobs running at once, on a fresh server: time to start them, the server's memory,
                and each job's PSS (its init and its command); then Stop (force) them all
+    kept       a server's start, to listening, on a data directory of 10,000 ended jobs, against one on none
 
 Machines here are noisy: repetitions are interleaved (e.g. pipe, ceiling, API, CLI, then again) and medians are
 reported. Every server's peak memory (VmHWM, reset at the start of each phase) and peak thread count are recorded per
@@ -60,6 +61,7 @@ import tempfile
 import threading
 import time
 import traceback
+import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -76,9 +78,11 @@ QUICK = os.environ.get("BENCH_QUICK", "0") not in ("", "0")
 if QUICK:
     STREAM_BYTES, FANOUT_BYTES, FANOUT_CLIENTS = 64 * MB, 64 * MB, 16
     STARTS, EXITS, PACED, RATE_STARTS, SCALE_JOBS, REPS, FANOUT_REPS = 100, 30, 20, 100, 100, 3, 1
+    KEPT_JOBS = 1000
 else:
     STREAM_BYTES, FANOUT_BYTES, FANOUT_CLIENTS = 1024 * MB, 256 * MB, 64
     STARTS, EXITS, PACED, RATE_STARTS, SCALE_JOBS, REPS, FANOUT_REPS = 300, 100, 60, 400, 1000, 5, 3
+    KEPT_JOBS = 10_000
 FANOUT_SMALL_BYTES = FANOUT_BYTES // 4    # the second output size, to see whether memory growth follows output size
 START_ROUNDS = 10                          # start-latency samples are taken in this many interleaved rounds
 PACE = 0.1                                 # idle seconds before each paced call (a client that is not in a loop)
@@ -104,6 +108,7 @@ TARGETS = {  # name: threshold
     "fanout_growth_size_slack_mb": 16.0,  # growth at the full output size may exceed that at a quarter by this much
     "scale_job_pss_mb_max": 4.0,
     "scale_server_rss_mb_max": 300.0,
+    "kept_load_s_max": 2.0,  # how much longer a server takes to listen on 10,000 kept jobs than on none
 }
 
 
@@ -392,8 +397,8 @@ def read_line(process, timeout, what):
 class ServerProcess:
     """A `jobworker.py serve` of the bench's own, on 127.0.0.1 with a free port."""
 
-    def __init__(self, name, isolation, certs, workdir, program=JOBWORKER):
-        self.name, self.isolation, self.certs, self.program = name, isolation, certs, program
+    def __init__(self, name, isolation, certs, workdir, program=JOBWORKER, options=()):
+        self.name, self.isolation, self.certs, self.program, self.options = name, isolation, certs, program, options
         self.data_dir = os.path.join(workdir, f"{name}-data")
         self.log_path = os.path.join(workdir, f"{name}.log")
         self.process = None
@@ -404,7 +409,7 @@ class ServerProcess:
     def start(self):
         argv = [sys.executable, "-c", SERVER_WRAPPER, self.program, "serve", "--addr", "127.0.0.1:0",
                 "--cert", self.certs["server_cert"], "--key", self.certs["server_key"], "--ca", self.certs["ca"],
-                "--data-dir", self.data_dir, "--isolation", self.isolation]
+                "--data-dir", self.data_dir, "--isolation", self.isolation, *self.options]
         with open(self.log_path, "ab") as err:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                             start_new_session=True)  # a ^C to the bench is for the bench
@@ -1017,6 +1022,48 @@ def scale_phase(results, monitor, server):
         log(f"  scale: {len(errors)} start errors, {len(stop_errors)} stop errors: {(errors + stop_errors)[0]}")
 
 
+def kept_phase(results, certs, workdir):
+    """A server's start, to its `listening` line, on an empty data directory and on one of KEPT_JOBS ended jobs (one
+    real job's directory, copied under new ids), interleaved REPS times: the medians, and the difference."""
+    seed = ServerProcess("kept-seed", "off", certs, workdir)
+    seed.start()
+    try:
+        client = seed.client()
+        seed_id = start_job(client, ["echo", "kept"])
+        wait_ended(client, [seed_id])
+    finally:
+        seed.stop()
+    servers = {"empty": lambda: ServerProcess("kept-empty", "on", certs, workdir),
+               "kept": lambda: ServerProcess("kept", "on", certs, workdir, options=("--keep-jobs", str(KEPT_JOBS)))}
+    seed_dir = os.path.join(seed.data_dir, "jobs", seed_id)
+    kept_jobs_dir = os.path.join(servers["kept"]().data_dir, "jobs")
+    with open(os.path.join(seed_dir, "record.json")) as f:
+        record = json.load(f)
+    for i in range(KEPT_JOBS):
+        job_id = str(uuid.uuid4())
+        shutil.copytree(seed_dir, os.path.join(kept_jobs_dir, job_id))
+        with open(os.path.join(kept_jobs_dir, job_id, "record.json"), "w") as f:
+            json.dump(dict(record, job_id=job_id, started_at=record["started_at"] + i / 1000,
+                           ended_at=record["ended_at"] + i / 1000), f)
+    times = {"empty": [], "kept": []}
+    for _ in range(REPS):
+        for kind, make in servers.items():
+            shutil.rmtree(os.path.join(workdir, "kept-empty-data"), ignore_errors=True)
+            server = make()
+            try:
+                t0 = time.perf_counter()
+                server.start()
+                times[kind].append(time.perf_counter() - t0)
+                listed = len(server.client().stub.List(pb.ListRequest(page_size=1000), timeout=RPC_TIMEOUT).jobs)
+            finally:
+                report = server.stop()
+            if listed != (0 if kind == "empty" else min(KEPT_JOBS, 1000)) or report.get("leftover_processes"):
+                raise BenchError(f"a server on {kind} data listed {listed} jobs and stopped: {report}")
+    results["kept_jobs"] = KEPT_JOBS
+    results["kept_start_s_empty"], results["kept_start_s"] = median(times["empty"]), median(times["kept"])
+    results["kept_load_s"] = results["kept_start_s"] - results["kept_start_s_empty"]
+
+
 def in_threads(count, calls):
     """Makes `count` calls in all, back to back, each thread (one per function in calls) calling its own: the seconds
     until all are done, what the calls returned, and a description of each that raised."""
@@ -1119,6 +1166,9 @@ def evaluate(r):
     check("target_scale_server_rss", f"scale: server memory < {t['scale_server_rss_mb_max']:g} MB",
           None if r.get("scale_server_rss_mb") is None else r["scale_server_rss_mb"] < t["scale_server_rss_mb_max"],
           fmt(r.get("scale_server_rss_mb"), ".1f", " MB"))
+    check("target_kept_load", f"start on {KEPT_JOBS:,} kept jobs <= {t['kept_load_s_max']:g} s more than on none",
+          None if r.get("kept_load_s") is None else r["kept_load_s"] <= t["kept_load_s_max"],
+          fmt(r.get("kept_load_s"), ".2f", " s"))
     r["targets_passed"] = sum(1 for c in checks if c[2])
     r["targets_total"] = len(checks)
     r["all_targets_pass"] = all(c[2] for c in checks)
@@ -1250,6 +1300,10 @@ def print_table(r, checks, monitor):
     row("List of all jobs", r.get("scale_list_ms"), "ms")
     row("time to Stop (force) them all", r.get("scale_stop_s"), "s", spec=".2f")
     row("processes left after Stop", r.get("scale_processes_left"), "", spec="d")
+    section(f"Kept jobs (a server's start to listening, median of {REPS})")
+    row("on an empty data directory", r.get("kept_start_s_empty"), "s", spec=".2f")
+    row(f"on {KEPT_JOBS:,} ended jobs", r.get("kept_start_s"), "s",
+        f"+{fmt(r.get('kept_load_s'), '.2f')} s to load them", spec=".2f")
 
     width = [max(len(str(x[i])) for x in rows if x) for i in range(4)]
     for line in rows:
@@ -1364,6 +1418,7 @@ def bench():
         phase("scale", scale_phase, results, monitor, scale)
         monitor.unwatch(scale.name)
         results["server_scale_stop"] = scale.stop()
+        phase("kept jobs", kept_phase, results, certs, workdir)
     finally:
         for server in servers:
             with contextlib.suppress(Exception):
