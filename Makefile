@@ -17,7 +17,7 @@ ROLES := admin user observer
 DAYS := 825
 CGROUP2_VM ?= ../shared/tools/cgroup2-vm
 # What make test-cgroup2 runs of test_jobworker.py: the tests that make, limit, read, kill or remove cgroups, or run
-# jobs in namespaces (the whole suite takes about half an hour in the emulated VM; these, a few minutes).
+# jobs in namespaces (the whole suite takes about an hour in the emulated VM; these, a few minutes).
 CGROUP2_TESTS := (isolation or cgroup or limit or memory or oom or quota or processes or mount or daemon or zombies \
   or unprivileged or outright or forked or init_pool or init_does or disk or tmpfs or users or transient or privilege) \
   and not reliability or fork_bomb
