@@ -1043,6 +1043,7 @@ def kept_phase(results, certs, workdir):
         wait_ended(client, [seed_id])
     finally:
         seed.stop()
+    # A ServerProcess starts once; each repetition makes another, over the same data directory.
     servers = {"empty": lambda: ServerProcess("kept-empty", "on", certs, workdir),
                "kept": lambda: ServerProcess("kept", "on", certs, workdir, options=("--keep-jobs", str(KEPT_JOBS)))}
     seed_dir = os.path.join(seed.data_dir, "jobs", seed_id)
@@ -1058,8 +1059,9 @@ def kept_phase(results, certs, workdir):
     times = {"empty": [], "kept": []}
     for _ in range(REPS):
         for kind, make in servers.items():
-            shutil.rmtree(os.path.join(workdir, "kept-empty-data"), ignore_errors=True)
             server = make()
+            if kind == "empty":  # as the first start on a host finds it
+                shutil.rmtree(server.data_dir, ignore_errors=True)
             try:
                 t0 = time.perf_counter()
                 server.start()

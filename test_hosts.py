@@ -85,7 +85,8 @@ def start_with_every_limit(jobs, label):
     (read from the kernel's files); returns the job's id and its cgroup's directory."""
     job_id = jobs.start(["sleep", label], **EVERY_LIMIT)
     status = jobs.query(job_id)
-    assert status.isolation.cgroup == "v2" and set(status.isolation.namespaces) == {"pid", "mount", "network", "ipc", "cgroup"}
+    assert status.isolation.cgroup == "v2"
+    assert set(status.isolation.namespaces) == {"pid", "mount", "network", "ipc", "cgroup"}
     assert {name: getattr(status.isolation.limits, name) for name in EVERY_LIMIT} == EVERY_LIMIT, status
     group = "/sys/fs/cgroup" + cgroup_of(status.pid)
     assert os.path.basename(group) == job_id

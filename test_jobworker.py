@@ -250,6 +250,21 @@ def admin(server):
     return server.client("admin")
 
 
+@pytest.fixture
+def disk_directory():
+    """A new directory anyone may write in, on a block device (beside the checkout, or the cgroup v2 VM's disk), for
+    what a tmpfs cannot show; the test is skipped where there is none. Not under /tmp, which every job has of its
+    own."""
+    parent = next((parent for parent in (HERE, "/mnt/data")
+                   if os.path.isdir(parent) and jobworker.block_device_of(parent)), None)
+    if parent is None:
+        pytest.skip("no directory on a block device")
+    directory = tempfile.mkdtemp(prefix="jobworker-disk-", dir=parent)
+    os.chmod(directory, 0o777)  # for nobody
+    yield directory
+    shutil.rmtree(directory)
+
+
 def open_channel(server, credentials="admin", addr=None):
     """A channel of its own (its own connection, never shared with another channel) and its stub; `credentials` is a
     role, a (cert, key) pair, or None for a client without a certificate."""
@@ -571,27 +586,21 @@ def test_output_larger_than_100_mb_is_byte_exact(admin):
 
 
 @pytest.mark.skipif(not shutil.which("fincore"), reason="util-linux's fincore is needed to see the page cache")
-def test_output_leaves_the_page_cache_behind_it_streamed_live_or_again(pki):
+def test_output_leaves_the_page_cache_behind_it_streamed_live_or_again(pki, disk_directory):
     """What the disk has taken and every stream has read is dropped from memory, so a job's output does not fill the
     page cache: neither streamed live, nor read again once the job has ended. The data directory is on a disk (on a
     tmpfs the output is memory, with nowhere to be dropped to)."""
-    directory = a_disk_directory()
-    if directory is None:
-        pytest.skip("no directory on a block device")
-    try:
-        server = Server(pki, os.path.join(directory, "server"))
-        admin = server.client()
-        size, bound = 96 << 20, 3 * jobworker.OutputLog.WINDOW  # the last steps of the writer and the reader
-        job_id = admin.start(["head", "-c", str(size), "/dev/zero"])
-        for _ in ("live", "again"):
-            ran = read_stream(admin.stub, job_id, keep=False)
-            assert ran.size == size and ran.status.exit_code == 0
-            resident = subprocess.check_output(["fincore", "--bytes", "--noheadings", "--output", "RES",
-                                                output_path(server, job_id)])
-            assert int(resident) <= bound
-        assert server.stop() == 0, server.read_log()
-    finally:
-        shutil.rmtree(directory)
+    server = Server(pki, os.path.join(disk_directory, "server"))
+    admin = server.client()
+    size, bound = 96 << 20, 3 * jobworker.OutputLog.WINDOW  # the last steps of the writer and the reader
+    job_id = admin.start(["head", "-c", str(size), "/dev/zero"])
+    for _ in ("live", "again"):
+        ran = read_stream(admin.stub, job_id, keep=False)
+        assert ran.size == size and ran.status.exit_code == 0
+        resident = subprocess.check_output(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                                            output_path(server, job_id)])
+        assert int(resident) <= bound
+    assert server.stop() == 0, server.read_log()
 
 
 def test_job_environment_is_clean_and_stdin_empty(admin):
@@ -2666,44 +2675,27 @@ def test_an_oom_kill_takes_the_whole_job_on_cgroup_v2(admin):
     assert processes_with(label) == []
 
 
-def a_disk_directory():
-    """A new directory anyone may write in, on a block device (beside the checkout, or the cgroup v2 VM's disk), or
-    None. Not under /tmp, which every job has of its own."""
-    for parent in (HERE, "/mnt/data"):
-        if os.path.isdir(parent) and jobworker.block_device_of(parent):
-            directory = tempfile.mkdtemp(prefix="jobworker-disk-", dir=parent)
-            os.chmod(directory, 0o777)  # for nobody
-            return directory
-    return None
-
-
 @needs_root
-def test_disk_limits_hold_a_jobs_direct_reads_and_writes_on_the_data_directorys_disk(pki):
+def test_disk_limits_hold_a_jobs_direct_reads_and_writes_on_the_data_directorys_disk(pki, disk_directory):
     """io.max on cgroup v2 (blkio's throttle on v1), on the disk of the server's data directory: 8 MiB written and
     read back with O_DIRECT at 2 MiB/s take at least 2.5 s each, and at least twice as long as without a limit. The
     jobs run as nobody (--run-as), whose host file system is writable where nobody may write (a transient user's is
     read-only)."""
-    directory = a_disk_directory()
-    if directory is None:
-        pytest.skip("no directory on a block device")
-    try:
-        server = Server(pki, os.path.join(directory, "server"), "--run-as", "nobody")
-        admin = server.client()
-        target = os.path.join(directory, "written")
-        write = ["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=8", "oflag=direct", "status=none"]
-        read = ["dd", f"if={target}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none"]
-        times = {}
-        for name, command, limit in (("write", write, "io_write_bps"), ("read", read, "io_read_bps")):
-            for limited in (False, True):
-                ran = run_job(admin, command, **({limit: 2 * MiB} if limited else {}))
-                assert ran.status.exit_code == 0, ran.err
-                assert getattr(ran.status.isolation.limits, limit) == (2 * MiB if limited else 0)
-                times[name, limited] = wall_seconds(ran.status)
-        for name in ("write", "read"):
-            assert times[name, True] >= 2.5 and times[name, True] >= 2 * times[name, False], times
-        server.stop()
-    finally:
-        shutil.rmtree(directory)
+    server = Server(pki, os.path.join(disk_directory, "server"), "--run-as", "nobody")
+    admin = server.client()
+    target = os.path.join(disk_directory, "written")
+    write = ["dd", "if=/dev/zero", f"of={target}", "bs=1M", "count=8", "oflag=direct", "status=none"]
+    read = ["dd", f"if={target}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none"]
+    times = {}
+    for name, command, limit in (("write", write, "io_write_bps"), ("read", read, "io_read_bps")):
+        for limited in (False, True):
+            ran = run_job(admin, command, **({limit: 2 * MiB} if limited else {}))
+            assert ran.status.exit_code == 0, ran.err
+            assert getattr(ran.status.isolation.limits, limit) == (2 * MiB if limited else 0)
+            times[name, limited] = wall_seconds(ran.status)
+    for name in ("write", "read"):
+        assert times[name, True] >= 2.5 and times[name, True] >= 2 * times[name, False], times
+    server.stop()
 
 
 @needs_root
@@ -3722,8 +3714,8 @@ def test_reliability_10000_kept_jobs_load_cost_little_memory_and_retention_gives
                                                                                         reliability_figures):
     """A data directory of KEPT_JOBS ended jobs (one real job's directory, copied under new ids): a server loads them
     all (how long that takes is reported; the benchmark holds it to its target), each costs it at most KEPT_JOB_MEMORY,
-    and a server that keeps none (--keep-jobs 0) loads them and removes them all (its memory then is reported: the allocator keeps
-    what was freed for reuse; the next test shows that nothing of a removed job stays)."""
+    and a server that keeps none (--keep-jobs 0) loads them and removes them all (its memory then is reported: the
+    allocator keeps what was freed for reuse; the next test shows that nothing of a removed job stays)."""
     seed = Server(pki, str(tmp_path / "seed"))
     seed_id = run_job(seed.client(), ["echo", "kept"]).status.job_id
     assert seed.stop() == 0
