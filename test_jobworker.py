@@ -7,7 +7,6 @@ tests need root (as CI runs) and are skipped without it.
 import argparse
 import collections
 import contextlib
-import ctypes
 import errno
 import filecmp
 import functools
@@ -3860,11 +3859,11 @@ def test_reliability_a_server_with_bad_configuration_exits_at_once_with_a_clear_
     (files / "a-file").write_text("")
     good = {"cert": cert, "key": key, "ca": pki.ca_cert}
 
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def drop_file_capabilities():  # root reads any file; without CAP_DAC_OVERRIDE/READ_SEARCH, a mode 000 one no more
-        for capability in (1, 2):
-            libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP
+    # Root reads any file; without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (dropped from the bounding set, so gone
+    # at exec), a mode 000 one no more. They are dropped by a fresh interpreter that then runs the server: Python run
+    # in a fork of this process (a preexec_fn) can crash, since gRPC's threads here hold its locks.
+    without_file_capabilities = [sys.executable, "-c", "import ctypes, os, sys; libc = ctypes.CDLL(None); "
+                                 "[libc.prctl(24, c, 0, 0, 0) for c in (1, 2)]; os.execv(sys.argv[1], sys.argv[1:])"]
 
     def serve(what, *, data=None, addr="127.0.0.1:0", capabilities=True, names=(), flags=(), **paths):
         """Starts a server that must refuse to; returns a problem with it, or None."""
@@ -3872,8 +3871,9 @@ def test_reliability_a_server_with_bad_configuration_exits_at_once_with_a_clear_
                 *flags]
         for name, path in dict(good, **paths).items():
             argv += [f"--{name}", str(path)]
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   preexec_fn=None if capabilities or not ROOT else drop_file_capabilities)
+        if not capabilities and ROOT:
+            argv = without_file_capabilities + argv
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         ready, _, _ = select.select([process.stdout], [], [], 20)
         if ready and process.stdout.readline().startswith(b"listening"):
             process.terminate()
