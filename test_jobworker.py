@@ -226,6 +226,12 @@ def every_server_stops_cleanly():
     """Stops the servers a test started and left running: each must exit 0 on SIGTERM and leave no cgroup behind."""
     before = len(SERVERS)
     yield
+    problems = stop_servers_started_since(before)
+    assert not problems, "\n".join(problems)
+
+
+def stop_servers_started_since(before):
+    """Stops the servers started since SERVERS held `before` of them; returns what went wrong."""
     started, SERVERS[before:] = SERVERS[before:], []
     problems = []
     for server in started:
@@ -233,7 +239,7 @@ def every_server_stops_cleanly():
             code = server.stop()
             problems += [f"exit status {code}: {server.read_log()[-2000:]}"] * (code != 0)
             problems += ["a cgroup outlived the server"] * bool(cgroups_of(server.proc.pid))
-    assert not problems, "\n".join(problems)
+    return problems
 
 
 @pytest.fixture(scope="session")
@@ -251,17 +257,26 @@ def admin(server):
 
 @pytest.fixture
 def disk_directory():
-    """A new directory anyone may write in, on a block device (beside the checkout, or the cgroup v2 VM's disk), for
-    what a tmpfs cannot show; the test is skipped where there is none. Not under /tmp, which every job has of its
-    own."""
-    parent = next((parent for parent in (HERE, "/mnt/data")
-                   if os.path.isdir(parent) and jobworker.block_device_of(parent)), None)
+    """A new directory anyone may write in, on a block device (beside the checkout, the cgroup v2 VM's disk, or the
+    root's), for what a tmpfs cannot show; the test is skipped where there is none. Never under /tmp, /var/tmp or
+    /dev/shm, which every job has of its own. The servers the test started there stop before it is removed."""
+    parent = next((parent for parent in (HERE, "/mnt/data", "/var/lib")
+                   if os.path.isdir(parent) and jobworker.block_device_of(parent)
+                   and not any(is_within(parent, private) for private in ("/tmp", "/var/tmp", "/dev/shm"))), None)
     if parent is None:
         pytest.skip("no directory on a block device")
     directory = tempfile.mkdtemp(prefix="jobworker-disk-", dir=parent)
     os.chmod(directory, 0o777)  # for nobody
+    before = len(SERVERS)
     yield directory
+    problems = stop_servers_started_since(before)
     shutil.rmtree(directory)
+    assert not problems, "\n".join(problems)
+
+
+def is_within(path, directory):
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
 
 
 def open_channel(server, credentials="admin", addr=None):
