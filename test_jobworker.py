@@ -265,7 +265,7 @@ def disk_directory():
     /dev/shm, which every job has of its own. The servers the test started there stop before it is removed."""
     parent = next((parent for parent in (HERE, "/mnt/data", "/var/lib")
                    if os.path.isdir(parent) and jobworker.block_device_of(parent)
-                   and not any(is_within(parent, private) for private in ("/tmp", "/var/tmp", "/dev/shm"))), None)
+                   and not any(is_within(parent, private) for private in jobworker.PRIVATE_TMP)), None)
     if parent is None:
         pytest.skip("no directory on a block device")
     directory = tempfile.mkdtemp(prefix="jobworker-disk-", dir=parent)
@@ -384,7 +384,7 @@ class Concurrently:
         try:
             barrier.wait(timeout)
         except threading.BrokenBarrierError:
-            self.results()  # raises the failure that broke it
+            self.raise_failure()  # the failure that broke it, without waiting for the calls still under way
             raise
 
     def results(self, timeout=2 * HANG_GUARD):  # a call may wait for its Start, then for its stream
@@ -2724,7 +2724,6 @@ def test_disk_limits_hold_a_jobs_direct_reads_and_writes_on_the_data_directorys_
             times[name, limited] = wall_seconds(ran.status)
     for name in ("write", "read"):
         assert times[name, True] >= 2.5 and times[name, True] >= 2 * times[name, False], times
-    server.stop()
 
 
 @needs_root
