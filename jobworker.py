@@ -2352,7 +2352,8 @@ class InitPool:
         self._ready = []          # the last made is taken first
         self._preparing = set()   # ordered and not yet ready; close() cuts them short
         self._changed = threading.Condition()
-        self._stalled = False     # the last try failed: wait for a Start
+        self._refills = 0         # Starts answered so far
+        self._stalled_at = -1     # the count when a try that failed began: wait for a Start after it
         self._closed = False
         self._filler = threading.Thread(target=self._fill, name="init-pool", daemon=True)
         self._filler.start()
@@ -2375,7 +2376,7 @@ class InitPool:
 
     def refill(self):
         with self._changed:
-            self._stalled = False
+            self._refills += 1
             self._changed.notify_all()
 
     def close(self):
@@ -2393,16 +2394,18 @@ class InitPool:
         name_this_thread("init-pool")
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self._closed or (not self._stalled and len(self._ready) < self.SIZE))
+                self._changed.wait_for(lambda: self._closed or (
+                    self._stalled_at != self._refills and len(self._ready) < self.SIZE))
                 if self._closed:
                     return
-                missing = self.SIZE - len(self._ready)
+                missing, attempt = self.SIZE - len(self._ready), self._refills
             ready, failure = self._make(missing)
             if failure and not self._closed:
                 logging.error("cannot prepare a job's init: %s", failure)
             with self._changed:
                 self._ready += ready
-                self._stalled = failure is not None
+                if failure:  # a Start answered while this try ran is a reason to try again
+                    self._stalled_at = attempt
 
     def _make(self, count):
         """Orders `count` inits, then waits for each: returns those ready, and the first failure (or None)."""
