@@ -715,9 +715,10 @@ class Server:
     def _serve(self, addr, cert, key, ca):
         options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0),
                    ("grpc.http2.bdp_probe", 0),  # else a client's oversized request grows our receive window first
-                   # A client that vanished without closing its connection is found out within 20 s, and the call
-                   # (and the thread) it held is released.
-                   ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000),
+                   # A client that vanished without closing its connection is found out within 70 s, and the call
+                   # (and the thread) it held is released. A live client on a loaded host may take tens of seconds
+                   # to answer a ping: cutting it off sooner would end its streams.
+                   ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 60_000),
                    ("grpc.keepalive_permit_without_calls", 1),
                    # Connections that never finish their handshake go within seconds, and connections past half of
                    # our descriptors are closed as they come: the other half is kept for jobs, their logs and pipes.
@@ -2331,7 +2332,7 @@ def _keyed(path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 READY_TIMEOUT = 30.0  # seconds an init has to be ready (a fork, a cgroup to join, namespaces to make)
-START_TIMEOUT = 10.0  # seconds an init has to start its command (an exec can hang, on a dead network mount say)
+START_TIMEOUT = 60.0  # seconds an init has to start its command (an exec can hang, on a dead network mount say)
 
 
 class InitPool:
