@@ -359,6 +359,8 @@ def start_with_a_daemon(client):
     label = marker()
     job_id = client.start(["sh", "-c", f"setsid sh -c 'sleep {label} & echo daemon'; echo ready; sleep {label}"])
     wait_for_output(client.stub, job_id, b"daemon\nready\n")
+    # Each sleep may still be a shell's fork, or be in execve (its command line empty for that moment).
+    assert wait_until(lambda: len(processes_with(f"sleep\0{label}")) == 2), "the daemon's sleep and the job's"
     return job_id, label
 
 
@@ -3653,7 +3655,8 @@ def test_reliability_a_job_with_hundreds_of_children_and_grandchildren_stops_ent
     job_id = admin.start(["sh", "-c", f"sh -c 'sleep {label} & sleep {label}' & for i in $(seq 300); do sleep {label} "
                                       "& done; echo ready; wait"])
     wait_for_output(admin.stub, job_id, b"ready\n")
-    assert len(processes_with(label)) >= 302
+    # "ready" may come before the last shells' forks have become sleeps.
+    assert wait_until(lambda: len(processes_with(f"sleep\0{label}")) == 302)
     status = admin.stop(job_id, timeout=10)
     assert status.state == pb.STOPPED and status.signal == signal.SIGTERM
     assert processes_with(label) == [], "a process of the stopped job is still running"
