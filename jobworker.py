@@ -2340,8 +2340,9 @@ class InitPool:
     namespaces.
 
     A thread of its own keeps SIZE inits ready. It orders every missing init before it waits for the first, so that
-    the launcher forks the next while the last one prepares. It makes them once a Start's answer has gone (refill),
-    not while the Start runs, which would compete with it for the CPU. A Start that finds none ready makes its own.
+    the launcher forks the next while the last one prepares; a Start may take each as soon as it is ready. It makes
+    them once a Start's answer has gone (refill), not while the Start runs, which would compete with it for the CPU.
+    A Start that finds none ready makes its own.
     After a failure the thread waits for the next Start, so that a host that cannot make inits is not tried in a loop.
     """
 
@@ -2400,16 +2401,16 @@ class InitPool:
                 if self._closed:
                     return
                 missing, attempt = self.SIZE - len(self._ready), self._refills
-            ready, failure = self._make(missing)
+            _, failure = self._make(missing, pooled=True)
             if failure and not self._closed:
                 logging.error("cannot prepare a job's init: %s", failure)
             with self._changed:
-                self._ready += ready
                 if failure:  # a Start answered while this try ran is a reason to try again
                     self._stalled_at = attempt
 
-    def _make(self, count):
-        """Orders `count` inits, then waits for each: returns those ready, and the first failure (or None)."""
+    def _make(self, count, pooled=False):
+        """Orders `count` inits, then waits for each: returns those ready (or, `pooled`, puts each in the pool as soon
+        as it is ready), and the first failure (or None)."""
         ordered, ready, failure = [], [], None
         try:
             for _ in range(count):
@@ -2423,7 +2424,8 @@ class InitPool:
         for init in ordered:
             try:
                 init.wait_ready()
-                ready.append(init)
+                with self._changed:
+                    (self._ready if pooled else ready).append(init)
             except Exception as e:
                 failure = failure or e
                 init.discard()
