@@ -1340,6 +1340,8 @@ def test_list_pages_filters_and_cuts_huge_commands(pki, tmp_path):
     huge = ["true"] + ["y" * 100_000] * 19  # 1.9 MB
     ids = [admin.start(huge) for _ in range(40)] + [user.start(["echo", str(i)]) for i in range(5)]
     running = user.start(["sleep", "600"])
+    for job_id in ids:  # each ended, as a state filter below expects
+        admin.wait(job_id)
     newest_first = [running] + ids[::-1]
     for client in (admin, observer):
         response = client.stub.List(pb.ListRequest(), timeout=60)
@@ -1367,6 +1369,8 @@ def test_list_pages_filters_and_cuts_huge_commands(pki, tmp_path):
                 pb.ListRequest(state=99)):
         assert status_of(lambda: admin.stub.List(bad, timeout=60)).code == Code.INVALID_ARGUMENT, bad
     ids += [admin.start(["true"]) for _ in range(10)]
+    for job_id in ids[-10:]:
+        admin.wait(job_id)
     shown = server.cli("list")
     header, *rows = shown.stdout.decode().splitlines()  # the table's header, then a job a line
     assert shown.returncode == 0 and header.startswith("JOB ID") and len(rows) == 50
@@ -1592,7 +1596,7 @@ def test_cli_session(server):
     assert job_id in server.cli("list").stdout.decode()
     sleeper = server.cli("start", "--memory", "64M", "--pids", "50", "--cpu", "0.5", "--", "sleep", "600")
     sleeper_id = sleeper.stdout.decode().strip()
-    stopped = server.cli("stop", "--timeout", "1", "--json", sleeper_id)
+    stopped = server.cli("stop", "--timeout", "30", "--json", sleeper_id)
     assert json.loads(stopped.stdout)["state"] == "STOPPED"
     signalled = server.cli("stream", sleeper_id)
     assert signalled.returncode == 128 + signal.SIGTERM
@@ -2403,11 +2407,12 @@ def test_two_users_jobs_cannot_reach_each_others_files_sockets_ipc_or_keys(serve
 
 
 def host_processes_of(uid):
-    """Host pids of the live processes whose real uid is `uid`."""
+    """Host pids of the live processes whose real uid is `uid` (not a zombie, which its parent has yet to reap)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError, KeyError):
-            if int(proc_status(pid)["Uid"].split()[0]) == uid:
+            status = proc_status(pid)
+            if int(status["Uid"].split()[0]) == uid and not status["State"].startswith("Z"):
                 found.append(int(pid))
     return found
 
@@ -2522,7 +2527,7 @@ def test_a_process_elsewhere_holding_a_jobs_output_pipe_cannot_keep_it_running_o
         assert read_stream(admin.stub, job_id).out == b"ready\n"
     deaf = admin.start(["sh", "-c", f"trap '' TERM; echo ready; sleep {label}"])
     wait_for_output(admin.stub, deaf, b"ready\n")
-    (pid,) = [pid for pid in processes_with(label) if proc_status(pid)["Name"] == "sh"]
+    (pid,) = wait_until(lambda: processes_with(f"sleep\0{label}"))  # its stdout is the job's, as the shell's is
     with open(f"/proc/{pid}/fd/1", "wb", buffering=0):
         stopped = admin.stop(deaf, timeout=0.5)  # returns once the kill has ended it, the pipe still held
         assert stopped.state == pb.STOPPED and stopped.signal == signal.SIGKILL
@@ -2815,7 +2820,8 @@ def test_a_job_whose_init_does_not_act_on_a_kill_is_killed_with_its_whole_cgroup
     status = admin.stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=60)
     assert status.state == pb.STOPPED and status.signal == signal.SIGKILL, status
     assert time.monotonic() - asked >= jobworker.KILL_GRACE, "the stopped init carried out the kill"
-    assert processes_with(label) == [] and not os.path.exists(f"/proc/{init}")
+    assert processes_with(label) == []
+    assert wait_until(lambda: not os.path.exists(f"/proc/{init}")), "the init was not reaped"  # by the launcher
     assert wait_until(lambda: job_id not in {os.path.basename(path) for path in cgroups_of(server.proc.pid)}), \
         "the job's cgroup is still there"
     assert f"cgroup kill of job {job_id}" not in server.read_log()
@@ -2901,7 +2907,7 @@ def test_isolation_off_a_job_that_kills_or_stops_its_init_still_ends_and_leaves_
     wait_for_output(admin.stub, job_id, b"stopped\n")
     status = admin.stub.Stop(pb.StopRequest(job_id=job_id, force=True), timeout=60)
     assert status.state == pb.STOPPED and status.signal == signal.SIGKILL
-    assert processes_with(label) == []
+    assert wait_until(lambda: processes_with(label) == [])  # the launcher kills the orphan once it reaps the init
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -3035,12 +3041,19 @@ READY_INITS = jobworker.InitPool.SIZE
 
 def inits_ready(server, running=0):
     """Whether the server has made every init it keeps ready, and has those of its `running` jobs: it holds a pidfd
-    of each (an init still being made has none yet)."""
+    of each, and each has given up its privilege (no_new_privs), the last step before it says it is ready. (An init
+    sends its pidfd first, while it still prepares.)"""
     pidfds = 0
     for fd in os.listdir(f"/proc/{server.proc.pid}/fd"):
         with contextlib.suppress(OSError):
             pidfds += os.readlink(f"/proc/{server.proc.pid}/fd/{fd}") == "anon_inode:[pidfd]"
-    return pidfds >= READY_INITS + running
+    if pidfds < READY_INITS + running:
+        return False
+    prepared = 0
+    for init in (pid for launcher in launchers_of(server) for pid in children_of(launcher)):
+        with contextlib.suppress(OSError):
+            prepared += proc_status(init)["NoNewPrivs"] == "1"
+    return prepared >= READY_INITS + running
 
 
 def idle_server(pki, directory, *options):
@@ -3428,6 +3441,8 @@ def test_reliability_waits_hold_a_slot_each_and_give_it_back_however_their_clien
     assert slots == (jobworker.Server.LONG_CALLS + jobworker.Server.ADMIN_SHARE) // 2  # an admin's, alone
     late = [admin.Wait.future(request, timeout=2) for _ in range(extra)]
     assert {status_of(wait.result).code for wait in late} == {Code.DEADLINE_EXCEEDED}
+    # The client's deadline passes before the server's Wait wakes to give its slot back.
+    assert wait_until(lambda: open_every_stream_slot(server, job_id) == slots), "a Wait past its deadline kept its slot"
     proxy = CuttableProxy(server.addr)
     ends = {"cancel": open_channel(server), "close": open_channel(server), "cut": open_channel(server, addr=proxy.addr)}
     waits = [(end, ends[end][1].Wait.future(request, timeout=300)) for end in list(ends) * ((slots + extra) // 3)]
