@@ -1017,7 +1017,8 @@ class Servicer:
         limits = {name: getattr(request.limits, name) for name in LIMITS}
         # The pool makes the next init, and the job's record goes to the disk, once this answer has gone, so that
         # neither competes with the Start for the CPU or the disk.
-        context.add_callback(self.manager.pool.refill)
+        if not context.add_callback(self.manager.pool.refill):  # the call has ended already
+            self.manager.pool.refill()
         job = self.manager.start(caller.identity, list(request.command), limits, dict(request.env),
                                  request.working_directory or self.manager.sandbox.working_directory,
                                  capped=caller.role != "admin")
@@ -2341,9 +2342,8 @@ class InitPool:
 
     A thread of its own keeps SIZE inits ready. It orders every missing init before it waits for the first, so that
     the launcher forks the next while the last one prepares; a Start may take each as soon as it is ready. It makes
-    them once a Start's answer has gone (refill), not while the Start runs, which would compete with it for the CPU.
-    A Start that finds none ready makes its own.
-    After a failure the thread waits for the next Start, so that a host that cannot make inits is not tried in a loop.
+    more only once a Start's answer has gone (refill), not while the Start runs, which would compete with it for the
+    CPU, and so a host that cannot make inits is not tried in a loop. A Start that finds none ready makes its own.
     """
 
     SIZE = 4
@@ -2355,7 +2355,7 @@ class InitPool:
         self._preparing = set()   # ordered and not yet ready; close() cuts them short
         self._changed = threading.Condition()
         self._refills = 0         # Starts answered so far
-        self._stalled_at = -1     # the count when a try that failed began: wait for a Start after it
+        self._tried_at = -1       # the count when the last try began: the next waits for a Start answered since
         self._closed = False
         self._filler = threading.Thread(target=self._fill, name="init-pool", daemon=True)
         self._filler.start()
@@ -2397,16 +2397,13 @@ class InitPool:
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._closed or (
-                    self._stalled_at != self._refills and len(self._ready) < self.SIZE))
+                    self._tried_at != self._refills and len(self._ready) < self.SIZE))
                 if self._closed:
                     return
-                missing, attempt = self.SIZE - len(self._ready), self._refills
+                missing, self._tried_at = self.SIZE - len(self._ready), self._refills
             _, failure = self._make(missing, pooled=True)
             if failure and not self._closed:
                 logging.error("cannot prepare a job's init: %s", failure)
-            with self._changed:
-                if failure:  # a Start answered while this try ran is a reason to try again
-                    self._stalled_at = attempt
 
     def _make(self, count, pooled=False):
         """Orders `count` inits, then waits for each: returns those ready (or, `pooled`, puts each in the pool as soon
@@ -2424,14 +2421,15 @@ class InitPool:
         for init in ordered:
             try:
                 init.wait_ready()
-                with self._changed:
-                    (self._ready if pooled else ready).append(init)
             except Exception as e:
                 failure = failure or e
                 init.discard()
-            finally:
                 with self._changed:
                     self._preparing.discard(init)
+            else:
+                with self._changed:  # in one step: close() cuts short what prepares, never what a Start may hold
+                    self._preparing.discard(init)
+                    (self._ready if pooled else ready).append(init)
         if failure and self._closed:  # cut short by close(), whatever it broke
             failure = shutting_down()
         return ready, failure

@@ -2945,7 +2945,7 @@ OVERSIZE_MEMORY_SLACK = 8 * MiB
 POOL_THREAD_MEMORY = 512 * 1024  # what an RPC thread the pool keeps holds on to (its stack as touched, malloc's cache)
 SETTLE_SECONDS = 120  # a vanished peer is found out by keepalive (70 s)
 GRPC_POOL = "event_engine"  # the threads of gRPC's own pool, which sizes itself: after a load it lets an idle thread
-GRPC_POOL_SLACK = 4         # go after 20 s, but not always within SETTLE_SECONDS (one more than idle after 90 s, seen)
+GRPC_POOL_SLACK = 4         # go after 20 s, but not always within SETTLE_SECONDS
 RPC_POOL_NAME = "rpc"       # the RPC pool makes a thread when a call finds none idle, so it keeps as many as the most
 RPC_POOL_SLACK = 8          # calls ever at once: a round again may meet a few more at once (a Start's thread not yet
                             # back when the next Stream comes), but a call left behind per job would show as hundreds
