@@ -1721,7 +1721,9 @@ class LimitPolicy:
 
     CONTROLLER = {"cpu_cores": "cpu", "memory_bytes": "memory", "io_read_bps": "io", "io_write_bps": "io",
                   "pids": "pids"}
-    MIN_MEMORY = 4 << 20  # the job's init needs some
+    MINIMA = {"memory_bytes": (4 << 20, "4 MiB", "the job's init needs some"),
+              "io_read_bps": (2, "2", "cgroup v2's io.max takes no less"),
+              "io_write_bps": (2, "2", "cgroup v2's io.max takes no less")}
     DEFAULT_PIDS = 1024   # processes and threads of a job that asks for no limit: a fork bomb stops there
 
     def __init__(self, defaults=None, maxima=None, available=()):
@@ -1739,8 +1741,9 @@ class LimitPolicy:
         for name, value in self.defaults.items():
             if self.maxima[name] and value > self.maxima[name]:
                 raise ValueError(f"the default {name} {value:g} exceeds the maximum of {self.maxima[name]:g}")
-        if 0 < self.defaults["memory_bytes"] < self.MIN_MEMORY:
-            raise ValueError("a default memory_bytes must be at least 4 MiB (the job's init needs some)")
+        for name, (least, shown, why) in self.MINIMA.items():
+            if 0 < self.defaults[name] < least:
+                raise ValueError(f"a default {name} must be at least {shown} ({why})")
 
     def resolve(self, requested):
         """The limits a job gets, or Refused (INVALID_ARGUMENT, FAILED_PRECONDITION)."""
@@ -1758,8 +1761,9 @@ class LimitPolicy:
                 raise Refused("INVALID_ARGUMENT", f"{name} {value:g} exceeds this server's maximum of "
                                                   f"{self.maxima[name]:g}")
             limits[name] = value or (self.defaults[name] if available else 0)
-        if limits["memory_bytes"] and limits["memory_bytes"] < self.MIN_MEMORY:
-            raise Refused("INVALID_ARGUMENT", "memory_bytes must be at least 4 MiB (the job's init needs some)")
+        for name, (least, shown, why) in self.MINIMA.items():
+            if 0 < limits[name] < least:
+                raise Refused("INVALID_ARGUMENT", f"{name} must be at least {shown} ({why})")
         return limits
 
 

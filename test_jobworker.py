@@ -2148,6 +2148,10 @@ def test_limit_policy_refuses_what_is_over_a_maximum_unavailable_or_unusable():
     for memory in (1, 4 * MiB - 1):
         assert refusal({"memory_bytes": memory}) == INVALID, memory
     assert policy.resolve({"memory_bytes": 4 * MiB})["memory_bytes"] == 4 * MiB
+    disks = jobworker.LimitPolicy(available={"io"})
+    for limit in ("io_read_bps", "io_write_bps"):
+        assert refusal({limit: 1}, disks) == INVALID, limit  # cgroup v2 refuses it: so does every server
+        assert disks.resolve({limit: 2})[limit] == 2
     for elsewhere in ({"io_read_bps": 1}, {"io_write_bps": MiB}, {"pids": 10 ** 6, "io_read_bps": 1}):
         assert refusal(elsewhere) == UNAVAILABLE, elsewhere  # however much is asked for: none can be had
     bare = jobworker.LimitPolicy(available={"cpu", "memory"})  # the maxima of this host: its CPUs and its memory
@@ -4115,7 +4119,8 @@ def start_outcome(hostile, request):
         return {INVALID}
     cores = limits.cpu_cores
     invalid = (not math.isfinite(cores) or cores < 0 or cores > os.cpu_count() or limits.memory_bytes > HOST_MEMORY
-               or 0 < limits.memory_bytes < 4 * MiB or limits.pids > 32768)
+               or 0 < limits.memory_bytes < 4 * MiB or limits.pids > 32768
+               or 1 in (limits.io_read_bps, limits.io_write_bps))
     unavailable = any(getattr(limits, name) for name in hostile.unavailable)
     if invalid or unavailable:
         return ({INVALID} if invalid else set()) | ({Code.FAILED_PRECONDITION} if unavailable else set())
@@ -4134,6 +4139,7 @@ def start_outcome(hostile, request):
 @example(command=["echo", "x" * (128 * 1024)], limits=pb.Limits())
 @example(command=["true", "x" * (4 * MiB)], limits=pb.Limits())             # just over the request limit
 @example(command=["true"], limits=pb.Limits(memory_bytes=4 * MiB, pids=1, cpu_cores=5e-324))
+@example(command=["true"], limits=pb.Limits(io_read_bps=2, io_write_bps=1))  # cgroup v2 refuses 1
 def test_reliability_hostile_start_requests(hostile, command, limits):
     request = pb.StartRequest(command=command, limits=limits)
     allowed = start_outcome(hostile, request)
