@@ -3247,34 +3247,26 @@ def test_reliability_clients_that_stop_reading_slow_neither_the_job_nor_other_cl
                                                                                       reliability_figures):
     server, idle = idle_server(pki, str(tmp_path))
     pid, blocks = server.proc.pid, 200
-    code = gate.hold() + PATTERN_JOB.format(blocks=blocks, size=MiB)
-    expected = b"ready\n" + pattern(blocks)
     channel, stub = open_channel(server)
-    alone_id = stub.Start(pb.StartRequest(command=py(code)), timeout=60).job_id  # the same job with no stuck client
-    wait_for_output(stub, alone_id, b"ready\n")
-    gate.open()
-    alone = read_stream(stub, alone_id, keep=False)
-    assert (alone.size, alone.sha256) == (len(expected), sha256(expected))
-
-    job_id = stub.Start(pb.StartRequest(command=py(code)), timeout=60).job_id
+    job_id = stub.Start(pb.StartRequest(command=py(gate.hold() + PATTERN_JOB.format(blocks=blocks, size=MiB))),
+                        timeout=60).job_id
     proxy, stuck = PausableProxy(server.addr), []
     with PeakWatch(pid) as watch:
         for addr in (None,) * 3 + (proxy.addr,) * 3:  # 3 stop asking for messages, 3 stop reading the socket
             stuck_channel, stuck_stub = open_channel(server, addr=addr)
-            call = stuck_stub.Stream(pb.StreamRequest(job_id=job_id), timeout=300)
+            call = stuck_stub.Stream(pb.StreamRequest(job_id=job_id), timeout=HANG_GUARD)
             assert next(call).data == b"ready\n"
             stuck.append((stuck_channel, call))
         proxy.flowing.clear()
         gate.open()
-        started = time.monotonic()
         ran = read_stream(stub, job_id, keep=False)  # another client reads it all, meanwhile
-        reading = time.monotonic() - started
         assert status_of(lambda: stub.List(pb.ListRequest(), timeout=10)).code == OK  # and others are served
+    expected = b"ready\n" + pattern(blocks)
     assert (ran.size, ran.sha256) == (len(expected), sha256(expected))
-    assert ran.status.state == pb.EXITED and ran.status.exit_code == 0, "the job ended while six clients read nothing"
-    assert wall_seconds(ran.status) <= 2 * wall_seconds(alone.status) + 2, \
-        (wall_seconds(ran.status), wall_seconds(alone.status))
-    assert reading <= 2 * wall_seconds(alone.status) + 5, (reading, wall_seconds(alone.status))
+    assert ran.status.state == pb.EXITED and ran.status.exit_code == 0
+    # 200 MB is far more than their flow-control windows hold: had the job or the reader waited for them, neither
+    # would have ended while they read nothing.
+    assert all(call.is_active() for _, call in stuck), "a stuck client's stream ended before the job's output did"
     assert watch.hwm - watch.start.rss <= 64 * MiB, \
         f"unread output is held in the server's memory: {(watch.hwm - watch.start.rss) / MiB:.0f} MiB"
     for stuck_channel, call in stuck:
@@ -3283,8 +3275,7 @@ def test_reliability_clients_that_stop_reading_slow_neither_the_job_nor_other_cl
     proxy.close()
     channel.close()
     after = settle(server, idle)
-    record(f"stuck clients: 6 stop reading a {blocks} MB job, 1 reads it", 2, 7, 2 * ran.size, idle, watch.peak,
-           after)
+    record(f"stuck clients: 6 stop reading a {blocks} MB job, 1 reads it", 1, 7, ran.size, idle, watch.peak, after)
     assert_settled("stuck clients", idle, after, watch.peak)
 
 
