@@ -1722,14 +1722,17 @@ class LimitPolicy:
     CONTROLLER = {"cpu_cores": "cpu", "memory_bytes": "memory", "io_read_bps": "io", "io_write_bps": "io",
                   "pids": "pids"}
     MINIMA = {"memory_bytes": (4 << 20, "4 MiB", "the job's init needs some"),
-              "io_read_bps": (2, "2", "cgroup v2's io.max takes no less"),
-              "io_write_bps": (2, "2", "cgroup v2's io.max takes no less")}
+              "io_read_bps": (2, "2 bytes a second", "cgroup v2's io.max takes no less"),
+              "io_write_bps": (2, "2 bytes a second", "cgroup v2's io.max takes no less")}
     DEFAULT_PIDS = 1024   # processes and threads of a job that asks for no limit: a fork bomb stops there
 
     def __init__(self, defaults=None, maxima=None, available=()):
         self.maxima = {"cpu_cores": float(os.cpu_count() or 1), "memory_bytes": memory_total(),
                        "io_read_bps": 0, "io_write_bps": 0, "pids": 32768}
         self.maxima.update(maxima or {})
+        for name, (least, shown, why) in self.MINIMA.items():
+            if 0 < self.maxima[name] < least:
+                raise ValueError(f"a maximum {name} must be at least {shown} ({why})")
         # Out of the box, no job can take the host's processes or more than a quarter of its memory; nor more than a
         # --max says. CPU and disk time are shared by the kernel's schedulers among whoever wants them.
         self.defaults = dict.fromkeys(LIMITS, 0)

@@ -3243,8 +3243,8 @@ class PausableProxy(CuttableProxy):
             s.close()
 
 
-def test_reliability_clients_that_stop_reading_slow_neither_the_job_nor_other_clients(pki, tmp_path, gate,
-                                                                                      reliability_figures):
+def test_reliability_clients_that_stop_reading_hold_up_neither_the_job_nor_other_clients(pki, tmp_path, gate,
+                                                                                         reliability_figures):
     server, idle = idle_server(pki, str(tmp_path))
     pid, blocks = server.proc.pid, 200
     channel, stub = open_channel(server)
@@ -3266,9 +3266,14 @@ def test_reliability_clients_that_stop_reading_slow_neither_the_job_nor_other_cl
     assert ran.status.state == pb.EXITED and ran.status.exit_code == 0
     # 200 MB is far more than their flow-control windows hold: had the job or the reader waited for them, neither
     # would have ended while they read nothing.
-    assert all(call.is_active() for _, call in stuck), "a stuck client's stream ended before the job's output did"
+    assert all(call.is_active() for _, call in stuck), "the server ended a stuck client's stream"
     assert watch.hwm - watch.start.rss <= 64 * MiB, \
         f"unread output is held in the server's memory: {(watch.hwm - watch.start.rss) / MiB:.0f} MiB"
+    late, late_status = hashlib.sha256(b"ready\n"), None  # a stuck client that reads on gets the rest, in order
+    for message in stuck[0][1]:
+        late.update(message.data)
+        late_status = message.status if message.HasField("status") else late_status
+    assert late.hexdigest() == sha256(expected) and late_status.state == pb.EXITED
     for stuck_channel, call in stuck:
         call.cancel()
         stuck_channel.close()
@@ -3960,6 +3965,9 @@ def test_reliability_a_server_with_bad_configuration_exits_at_once_with_a_clear_
             serve("port in use", addr=f"127.0.0.1:{taken.getsockname()[1]}"),
             serve("a default above the maximum", flags=("--default", "pids=500", "--max", "pids=100"), names=["pids"]),
             serve("a default memory below 4 MiB", flags=("--default", "memory=1M"), names=["memory_bytes"]),
+            serve("a maximum memory below 4 MiB", flags=("--max", "memory=1M"), names=["maximum memory_bytes"]),
+            serve("a default disk limit below 2 bytes a second", flags=("--default", "io-write-bps=1"),
+                  names=["io_write_bps"]),
         ]
     problems = [p for p in problems if p]
     assert not problems, "\n".join(problems)
