@@ -1730,9 +1730,8 @@ class LimitPolicy:
         self.maxima = {"cpu_cores": float(os.cpu_count() or 1), "memory_bytes": memory_total(),
                        "io_read_bps": 0, "io_write_bps": 0, "pids": 32768}
         self.maxima.update(maxima or {})
-        for name, (least, shown, why) in self.MINIMA.items():
-            if 0 < self.maxima[name] < least:
-                raise ValueError(f"a maximum {name} must be at least {shown} ({why})")
+        if below := self._below_minimum(self.maxima):
+            raise ValueError(f"a maximum {below}")
         # Out of the box, no job can take the host's processes or more than a quarter of its memory; nor more than a
         # --max says. CPU and disk time are shared by the kernel's schedulers among whoever wants them.
         self.defaults = dict.fromkeys(LIMITS, 0)
@@ -1744,9 +1743,8 @@ class LimitPolicy:
         for name, value in self.defaults.items():
             if self.maxima[name] and value > self.maxima[name]:
                 raise ValueError(f"the default {name} {value:g} exceeds the maximum of {self.maxima[name]:g}")
-        for name, (least, shown, why) in self.MINIMA.items():
-            if 0 < self.defaults[name] < least:
-                raise ValueError(f"a default {name} must be at least {shown} ({why})")
+        if below := self._below_minimum(self.defaults):
+            raise ValueError(f"a default {below}")
 
     def resolve(self, requested):
         """The limits a job gets, or Refused (INVALID_ARGUMENT, FAILED_PRECONDITION)."""
@@ -1764,10 +1762,16 @@ class LimitPolicy:
                 raise Refused("INVALID_ARGUMENT", f"{name} {value:g} exceeds this server's maximum of "
                                                   f"{self.maxima[name]:g}")
             limits[name] = value or (self.defaults[name] if available else 0)
+        if below := self._below_minimum(limits):
+            raise Refused("INVALID_ARGUMENT", below)
+        return limits
+
+    def _below_minimum(self, limits):
+        """The first of `limits` set below the least it may be, said in words; or None."""
         for name, (least, shown, why) in self.MINIMA.items():
             if 0 < limits[name] < least:
-                raise Refused("INVALID_ARGUMENT", f"{name} must be at least {shown} ({why})")
-        return limits
+                return f"{name} must be at least {shown} ({why})"
+        return None
 
 
 def memory_total():
